@@ -1,0 +1,62 @@
+"""The worker entry point every rank runs, whoever starts it.
+
+    python -m qlorax.launchers.worker --run-dir RUN_DIR [--stages train,merge,verify]
+
+Started by torchrun (parallel=ccl), by a Kubeflow operator or an indexed Job (parallel=k8s),
+or by mpirun (PMI_RANK/PMI_SIZE). It reads RUN_DIR/spec.yaml (never Hydra), pins itself to
+its cores, trains, and on rank 0 runs the later stages it was asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from qlorax.errors import QloraxError
+from qlorax.paths import RunPaths
+from qlorax.spec import load_spec
+
+
+def _rank_env() -> tuple[int, int, int]:
+    from qlorax.engine.distributed import env_world
+
+    return env_world()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qlorax-worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True, help="run directory holding spec.yaml")
+    parser.add_argument("--stages", default="train", help="comma-separated stages; later ones run on rank 0")
+    args = parser.parse_args(argv)
+    rank, world, local_rank = _rank_env()
+    try:
+        spec = load_spec(RunPaths(args.run_dir).spec)
+        from qlorax.launchers.pinning import apply
+
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        apply(spec, local_rank, local_world)
+        stages = [s for s in args.stages.split(",") if s]
+        if "train" in stages:
+            from qlorax.engine.train import train
+
+            train(spec)
+        if rank == 0 and ("merge" in stages or "verify" in stages):
+            from qlorax.engine.stages import run_stages
+
+            run_stages(spec, [s for s in stages if s != "train"])
+        return 0
+    except QloraxError as exc:
+        print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
+        logging.getLogger("qlorax").error("error: %s", exc)
+        return exc.exit_code
+    except Exception:
+        text = traceback.format_exc()
+        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
+        logging.getLogger("qlorax").error("%s", text)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from qlorax.cli import main
+
+sys.exit(main())

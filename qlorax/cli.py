@@ -1,0 +1,237 @@
+"""qlorax command line.
+
+    qlorax train [overrides...]            compose config -> spec.yaml -> launch the train stage
+    qlorax run   [overrides...]            train -> merge -> verify (stages=[...] selects)
+    qlorax merge  run_dir=DIR [merge.*]    merge the latest adapter of a run
+    qlorax verify run_dir=DIR [verify.*]   base vs fine-tuned generations and perplexity
+    qlorax plan  [overrides...]            resolved spec, launch plan and memory estimate; loads no model
+    qlorax runs  [DIR]                     list run directories and their status
+
+train/run accept Hydra's flags too: --help, --cfg job, -m (sweeps, one run directory per job).
+Bad configuration exits with code 2 and every problem listed, before anything heavy is imported.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from qlorax.errors import QloraxError
+
+COMMANDS = ("train", "run", "merge", "verify", "plan", "runs")
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp", "--config-name",
+                          "-cn", "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        from difflib import get_close_matches
+
+        close = get_close_matches(command, COMMANDS, 1)
+        _error(f"unknown command {command!r}" + (f"; did you mean '{close[0]}'?" if close else "")
+               + f" (commands: {', '.join(COMMANDS)})")
+        return 2
+    try:
+        if command == "runs":
+            return _runs(rest)
+        if command in ("merge", "verify"):
+            return _stage_on_run_dir(command, rest)
+        if command == "plan":
+            return _plan(rest)
+        return _hydra_command(command, rest)
+    except QloraxError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+def _error(message: str) -> None:
+    print(f"qlorax: error: {message}", file=sys.stderr, flush=True)
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags, overrides)."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.append(arg)
+            if arg in HYDRA_FLAGS_WITH_VALUE and "=" not in arg and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return flags, overrides
+
+
+def _hydra_command(command: str, args: list[str]) -> int:
+    """train / run: validate first (exit 2 with every problem), then hand over to Hydra's main."""
+    from qlorax.spec import compose
+
+    flags, overrides = _split_flags(args)
+    asks_help = any(f in ("--help", "-h", "--hydra-help") for f in flags)
+    if not asks_help:
+        compose(overrides)   # raises ConfigError listing every problem; loads no model
+    multirun = any(f in ("-m", "--multirun") for f in flags)
+    run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
+    if run_dir:
+        overrides.append(f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}")
+        if multirun:
+            overrides = [o for o in overrides if not o.startswith("run_dir=")]
+    import hydra
+
+    from qlorax.schema import register_configs
+
+    register_configs()
+    outcome: dict = {}
+
+    def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from qlorax.spec import from_config
+
+        try:
+            spec = from_config(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+            outcome["result"] = execute(command, spec)
+        except QloraxError as exc:
+            _error(str(exc))
+            sys.exit(exc.exit_code)
+
+    saved_argv = sys.argv
+    sys.argv = [f"qlorax {command}"] + flags + overrides
+    try:
+        hydra.main(config_path="pkg://qlorax.conf", config_name="config", version_base="1.3")(task)()
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+def execute(command: str, spec) -> dict:
+    """Prepare the run directory, launch training, then run the later stages (for ``run``)."""
+    import logging
+
+    from qlorax.engine.console import setup_logging
+
+    setup_logging(quiet=spec.quiet)
+    log = logging.getLogger("qlorax")
+    prepare_run_dir(spec)
+    log.info("run directory: %s", spec.run_dir)
+    from qlorax import launchers
+
+    stages = list(spec.stages) if command == "run" else ["train"]
+    result = {}
+    if "train" in stages:
+        outcome = launchers.launch(spec)
+        result["train"] = outcome.details
+        if spec.parallel.launcher == "k8s":
+            log.info("%s", outcome.message)
+            return result
+    later = [s for s in stages if s != "train"]
+    if later:
+        from qlorax.engine.stages import run_stages
+
+        result.update(run_stages(spec, later))
+    return result
+
+
+def prepare_run_dir(spec) -> None:
+    """Write spec.yaml; refuse a run directory that belongs to a different spec."""
+    from qlorax.memory import check_fits
+    from qlorax.paths import RunPaths
+    from qlorax.spec import identity_diff, load_spec, save_spec
+
+    paths = RunPaths(spec.run_dir)
+    if paths.spec.is_file():
+        old = load_spec(paths.spec)
+        changed = identity_diff(old, spec)
+        if changed:
+            raise QloraxError(f"run_dir {paths.root} belongs to a different run: {', '.join(changed)} changed "
+                              f"(e.g. {changed[0]}: {_value(old, changed[0])!r} -> {_value(spec, changed[0])!r}); "
+                              "use a new run_dir, or the original settings to resume it")
+        if spec.resume == "never" and paths.checkpoint_dirs():
+            raise QloraxError(f"run_dir {paths.root} already has checkpoints and resume=never: continue it with "
+                              "resume=auto, or start over in a new run_dir")
+    check_fits(spec)
+    save_spec(spec, paths.spec)
+
+
+def _value(spec, dotted: str):
+    value = spec
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _stage_on_run_dir(command: str, args: list[str]) -> int:
+    from qlorax.engine.stages import run_stages
+    from qlorax.paths import RunPaths
+    from qlorax.spec import load_spec, with_overrides
+
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    if not run_dirs:
+        raise QloraxError(f"`qlorax {command}` works on an existing run: give run_dir=<dir> "
+                          "(the directory `qlorax train` created; `qlorax runs` lists them)")
+    paths = RunPaths(run_dirs[0])
+    if not paths.spec.is_file():
+        raise QloraxError(f"{paths.root} is not a run directory (no spec.yaml): create it with "
+                          f"`qlorax train run_dir={paths.root}`")
+    allowed = ("merge.", "verify.", "quiet", "run_dir")
+    extra = [a for a in args if not a.startswith("run_dir=")]
+    wrong = [a for a in extra if not a.startswith(allowed)]
+    if wrong:
+        raise QloraxError(f"`qlorax {command}` on an existing run only takes merge.* / verify.* / quiet overrides, "
+                          f"not {', '.join(wrong)}; start a new run to change training settings")
+    spec = with_overrides(load_spec(paths.spec), extra)
+    run_stages(spec, [command])
+    return 0
+
+
+def _plan(args: list[str]) -> int:
+    from qlorax import launchers
+    from qlorax.memory import estimate, format_estimate
+    from qlorax.spec import compose, to_dict
+
+    import yaml
+
+    flags, overrides = _split_flags(args)
+    spec = compose(overrides)
+    print("# resolved run spec")
+    print(yaml.safe_dump(to_dict(spec), sort_keys=False).rstrip())
+    print("\n# launch plan")
+    for line in launchers.describe(spec):
+        print(line)
+    print("\n# memory estimate (per rank)")
+    print(format_estimate(estimate(spec)))
+    return 0
+
+
+def _runs(args: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from qlorax.runstatus import describe, find_runs
+
+    root = Path(args[0] if args else "outputs")
+    if not root.exists():
+        raise QloraxError(f"{root} does not exist: give the folder that holds your runs (`qlorax runs DIR`)")
+    rows = [describe(p) for p in find_runs(root)]
+    table = Table(title=f"qlorax runs under {root}")
+    for column in ("run", "status", "steps", "final loss", "outputs"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.path), r.status, r.steps, r.final_loss, r.outputs)
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    if not rows:
+        print(f"no runs under {root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Load tokenizer and base model (4-bit or not), attach LoRA.
+
+Quantization backends are small loader functions chosen by ``quant.backend``; each imports
+its library lazily, and a missing library is reported with the command that installs it.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from qlorax.errors import QloraxError
+from qlorax.schema import RunSpec
+
+log = logging.getLogger("qlorax")
+
+
+# ---------------------------------------------------------------- locating the model
+def resolve_model_path(spec: RunSpec) -> str:
+    """A local directory (checked) or a hub id, as from_pretrained takes it."""
+    path = spec.model.path
+    if path == "builtin:tiny":
+        from qlorax.engine.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    local = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
+    if not looks_local:
+        return path  # hub id: from_pretrained resolves it (needs network unless cached)
+    if not local.is_dir():
+        raise QloraxError(f"model.path: {path} does not exist; give a local model directory "
+                          "(with config.json and *.safetensors) or a hub id like meta-llama/Llama-2-7b-hf")
+    if not (local / "config.json").is_file():
+        raise QloraxError(f"model.path: {local} is not a Hugging Face model directory (no config.json); "
+                          "point model.path at the folder that holds config.json and the weights")
+    has_safetensors = any(local.glob("*.safetensors"))
+    has_pickle = any(local.glob("*.bin")) or any(local.glob("*.pt"))
+    if not has_safetensors and not has_pickle and not _is_prequantized(local):
+        raise QloraxError(f"model.path: {local} holds no weights (*.safetensors); download or convert the model first")
+    if not has_safetensors and has_pickle and not spec.model.allow_pickle:
+        raise QloraxError(f"model.path: {local} only has pickle weights (*.bin), which can run arbitrary code when "
+                          "loaded; convert them to safetensors, or allow them with model.allow_pickle=true "
+                          "if you trust the source")
+    return str(local.resolve())
+
+
+def _is_prequantized(local: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((local / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_kwargs(spec: RunSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code}
+    if spec.model.revision:
+        kwargs["revision"] = spec.model.revision
+    token = os.environ.get(spec.model.hub_token_env)
+    if token:
+        kwargs["token"] = token
+    return kwargs
+
+
+def load_tokenizer(spec: RunSpec, path: str):
+    """Tokenizer with a pad token (unk, else eos, when the model defines none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(spec))
+    except (OSError, ValueError) as exc:
+        raise QloraxError(f"model.path: cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        substitute = tokenizer.unk_token or tokenizer.eos_token
+        if substitute is None:
+            raise QloraxError(f"model.path: the tokenizer of {path} has neither pad, unk nor eos token; add one")
+        tokenizer.pad_token = substitute
+        log.info("tokenizer has no pad token: padding with %r (padded positions are masked from the loss)", substitute)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+# ---------------------------------------------------------------- backends
+def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool = True):
+    """The frozen base model, quantized per ``quant.backend`` unless ``quantize`` is false."""
+    backend = spec.quant.backend if quantize else "none"
+    loaders = {"bnb": _load_bnb, "none": _load_plain, "bigdl": _load_bigdl}
+    try:
+        model = loaders[backend](spec, path, compute_dtype)
+    except QloraxError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise QloraxError(f"model.path: cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    _detach_from_checkpoint_file(model)
+    return model
+
+
+def _load_plain(spec: RunSpec, path: str, compute_dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(compute_dtype), device_map="cpu",
+                                                use_safetensors=None if spec.model.allow_pickle else True,
+                                                low_cpu_mem_usage=True, **_hub_kwargs(spec))
+
+
+def _load_bnb(spec: RunSpec, path: str, compute_dtype: str):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise QloraxError("quant.backend=bnb needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
+                          "(or train without quantization: quant=none)") from None
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = spec.quant
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                                bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
+                                llm_int8_skip_modules=list(q.skip_modules))
+    source = path
+    if q.prequantized_dir and (Path(q.prequantized_dir) / "config.json").is_file():
+        source, config = q.prequantized_dir, None
+        log.info("loading the already-quantized checkpoint %s", source)
+    kwargs = {"quantization_config": config} if config is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(compute_dtype), device_map="cpu",
+                                                 use_safetensors=None if spec.model.allow_pickle else True,
+                                                 low_cpu_mem_usage=True, **kwargs, **_hub_kwargs(spec))
+    # Pitfall: in eval mode without gradients, bnb repacks a 4-bit weight in place for its
+    # AVX512-BF16 inference kernel; later training steps then see the repacked layout and
+    # compute wrong adapter gradients. Keep every layer on the layout training expects.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    if q.prequantized_dir and source == path:
+        save_prequantized(model, path, q.prequantized_dir)
+    return model
+
+
+def _load_bigdl(spec: RunSpec, path: str, compute_dtype: str):
+    """The reference's backend: ipex-llm (or bigdl-llm) sym_int4, imported lazily."""
+    import importlib
+
+    for name in ("ipex_llm.transformers", "bigdl.llm.transformers"):
+        try:
+            module = importlib.import_module(name)
+            break
+        except ImportError:
+            continue
+    else:
+        raise QloraxError("quant.backend=bigdl needs ipex-llm or bigdl-llm, which pin old transformers/peft: "
+                          "build its separate environment with `make install-bigdl` and run qlorax from it "
+                          "(.venv-bigdl/bin/qlorax), or use quant=nf4")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # adapter saves otherwise stall on hub retries
+    dtype = torch_dtype(compute_dtype)
+    model = module.AutoModelForCausalLM.from_pretrained(
+        path, load_in_low_bit=spec.quant.type, optimize_model=False, torch_dtype=dtype,
+        modules_to_not_convert=list(spec.quant.skip_modules), trust_remote_code=spec.model.trust_remote_code)
+    left = [name for name, m in model.named_modules()
+            if type(m).__name__ == "Linear" and not any(s in name for s in spec.quant.skip_modules)]
+    if left:
+        log.warning("bigdl left %d linear layer(s) unquantized in %s (input size does not fit its 4-bit block): %s",
+                    len(left), dtype, ", ".join(left[:6]) + (" ..." if len(left) > 6 else ""))
+    return model
+
+
+def save_prequantized(model, base_path: str, out_dir: str) -> None:
+    """Save a bnb 4-bit model so later runs load it without reading the bf16 checkpoint."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
+    log.info("saved the quantized checkpoint to %s (reuse it with quant.prequantized_dir=%s)", out, out)
+
+
+def _detach_from_checkpoint_file(model) -> None:
+    """Copy parameters that still view the memory-mapped checkpoint, so its pages can be released.
+
+    Unquantized tensors (embeddings, norms, head) can stay views of the safetensors mmap;
+    while they do, the whole file's touched pages count against the process.
+    """
+    import torch
+
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is None or tensor.dtype == torch.uint8:
+                continue
+            storage = tensor.untyped_storage()
+            if _is_file_backed(storage):
+                copy = tensor.detach().clone()
+                if name in module._parameters:
+                    module._parameters[name] = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                else:
+                    module._buffers[name] = copy
+    gc.collect()
+
+
+def _is_file_backed(storage) -> bool:
+    try:
+        return bool(storage.filename)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------- LoRA
+def attach_lora(model, spec: RunSpec):
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = list(spec.lora.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        bias=spec.lora.bias, target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")})
+        raise QloraxError(f"lora.target_modules: {str(exc).splitlines()[0]}; this model's linear layers are "
+                          f"{names} (or use lora=all_linear)") from None
+    return peft_model
+
+
+def trainable_parameters(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def linear_weight_bytes(model) -> dict[str, int]:
+    """Bytes held by the base linear weights of the decoder (quantized or not) and by the rest."""
+    import torch
+
+    linear, other = 0, 0
+    seen = set()
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen or "lora_" in name:
+                continue
+            seen.add(id(param))
+            nbytes = param.numel() * param.element_size()
+            quant_state = getattr(param, "quant_state", None)
+            if quant_state is not None:
+                nbytes += sum(t.numel() * t.element_size() for t in _quant_state_tensors(quant_state))
+            is_linear = isinstance(module, torch.nn.Linear) and "lm_head" not in name and pname == "weight"
+            if is_linear:
+                linear += nbytes
+            else:
+                other += nbytes
+    return {"linear": linear, "other": other}
+
+
+def _quant_state_tensors(state) -> list:
+    import torch
+
+    out = [getattr(state, "absmax", None), getattr(state, "code", None)]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        out += _quant_state_tensors(nested)
+    return [t for t in out if isinstance(t, torch.Tensor)]

@@ -1,0 +1,86 @@
+"""status.json of a run directory, and the listing behind ``qlorax runs``."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlorax.paths import RunPaths
+
+
+def write(paths: RunPaths, state: str, stage: str, **extra) -> None:
+    """Record the state (running / finished / failed / interrupted) of a stage, atomically."""
+    record = {"state": state, "stage": stage, "pid": os.getpid(), "host": os.uname().nodename,
+              "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = paths.status.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, paths.status)
+
+
+def read(paths: RunPaths) -> dict:
+    try:
+        return json.loads(paths.status.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid: int, host: str) -> bool:
+    if host != os.uname().nodename:
+        return True   # cannot tell from here; trust the record
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunRow:
+    path: Path
+    status: str
+    steps: str
+    final_loss: str
+    outputs: str
+
+
+def describe(run_dir: Path) -> RunRow:
+    """Status of one run: running, finished, failed, interrupted/killed -> resumable, or new."""
+    paths = RunPaths(run_dir)
+    record = read(paths)
+    state = record.get("state", "new")
+    checkpoints = paths.checkpoint_dirs()
+    if state == "running" and not _alive(int(record.get("pid", 0)), record.get("host", "")):
+        state = "killed"
+    if state in ("killed", "interrupted", "failed") and checkpoints:
+        state = f"{state}, resumable"
+    final_loss, steps = "-", "-"
+    lines = paths.metrics.read_text().splitlines() if paths.metrics.is_file() else []
+    for line in reversed(lines):
+        try:
+            last = json.loads(line)
+        except ValueError:
+            continue
+        final_loss, steps = f"{last['loss']:.4f}", str(last["step"])
+        break
+    total = record.get("total_steps")
+    if total:
+        steps = f"{steps}/{total}"
+    outputs = [p.name for p in (paths.merged, paths.verify, paths.report) if p.exists()]
+    if checkpoints:
+        outputs.insert(0, f"checkpoints/{checkpoints[-1][1].name}")
+    if state == "failed" and record.get("error"):
+        outputs.append(f"error: {record['error'][:60]}")
+    return RunRow(paths.root, state, steps, final_loss, ", ".join(outputs) or "-")
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories (holding spec.yaml) under ``root``, newest first."""
+    if (root / "spec.yaml").is_file():
+        return [root]
+    found = [p.parent for p in root.rglob("spec.yaml") if ".hydra" not in p.parts]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
