@@ -16,7 +16,7 @@ import traceback
 
 from qlorax.errors import QloraxError
 from qlorax.paths import RunPaths
-from qlorax.spec import load_spec
+from qlorax.specfile import load_spec
 
 
 def _rank_env() -> tuple[int, int, int]:

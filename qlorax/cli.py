@@ -145,7 +145,8 @@ def prepare_run_dir(spec) -> None:
     """Write spec.yaml; refuse a run directory that belongs to a different spec."""
     from qlorax.memory import check_fits
     from qlorax.paths import RunPaths
-    from qlorax.spec import identity_diff, load_spec, save_spec
+    from qlorax.spec import identity_diff
+    from qlorax.specfile import load_spec, save_spec
 
     paths = RunPaths(spec.run_dir)
     if paths.spec.is_file():
@@ -172,7 +173,8 @@ def _value(spec, dotted: str):
 def _stage_on_run_dir(command: str, args: list[str]) -> int:
     from qlorax.engine.stages import run_stages
     from qlorax.paths import RunPaths
-    from qlorax.spec import load_spec, with_overrides
+    from qlorax.spec import with_overrides
+    from qlorax.specfile import load_spec
 
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
     if not run_dirs:

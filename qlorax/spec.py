@@ -1,4 +1,4 @@
-"""Compose, validate and freeze the run spec; read and write ``spec.yaml``.
+"""Compose, validate and freeze the run spec (``qlorax.specfile`` reads and writes spec.yaml).
 
 The composed Hydra config is converted exactly once here. Validation collects every
 problem (unknown keys with a close-match suggestion, wrong types, out-of-range values,
@@ -18,8 +18,9 @@ from typing import Any, Iterable
 
 import yaml
 
-from qlorax.errors import ConfigError, Problem, QloraxError
+from qlorax.errors import ConfigError, Problem
 from qlorax.schema import GROUPS, RunSpec, register_configs
+from qlorax.specfile import to_dict
 
 CONFIG_MODULE = "qlorax.conf"
 CONFIG_NAME = "config"
@@ -218,6 +219,9 @@ def _cross_problems(spec: RunSpec) -> list[Problem]:
         p.append(Problem("lora.target_modules", "all-linear cannot be combined with module names",
                          "lora.target_modules=[all-linear]"))
     d = spec.data
+    for key, value in (("data.path", d.path), ("model.path", spec.model.path)):
+        if not str(value).strip():
+            p.append(Problem(key, "is required (a local path or a hub id)", f"{key}=/path/to/{key.split('.')[0]}"))
     if d.val_set_size >= 1 and d.val_set_size != int(d.val_set_size):
         p.append(Problem("data.val_set_size", "a count must be a whole number (fractions must be < 1)",
                          f"data.val_set_size={int(d.val_set_size)}"))
@@ -326,53 +330,6 @@ def from_config(cfg: Any, problems: list[Problem] | None = None, run_dir: str | 
     if problems:
         raise ConfigError(problems)
     return spec.freeze()
-
-
-def to_dict(spec: RunSpec) -> dict:
-    def convert(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, (list, tuple)):
-            return [convert(v) for v in value]
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
-
-    return convert(spec)
-
-
-def from_dict(data: dict, source: str = "spec.yaml") -> RunSpec:
-    """Rebuild a frozen spec from its dict form (as stored in spec.yaml)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    base = OmegaConf.structured(RunSpec)
-    try:
-        cfg = OmegaConf.merge(base, data)
-    except OmegaConfBaseException as exc:
-        raise ConfigError([Problem(getattr(exc, "full_key", "") or source,
-                                   f"{source} does not match this qlorax version: {str(exc).splitlines()[0]}",
-                                   "re-create the run with `qlorax train ...`")]) from None
-    return from_config(cfg)
-
-
-def save_spec(spec: RunSpec, path: Path) -> None:
-    """Write spec.yaml atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text("# qlorax run spec: resolved and validated; workers and pods read this file.\n"
-                   + yaml.safe_dump(to_dict(spec), sort_keys=False))
-    os.replace(tmp, path)
-
-
-def load_spec(path: Path) -> RunSpec:
-    if not path.is_file():
-        raise QloraxError(f"no run spec at {path}: create the run with `qlorax train run_dir={path.parent}`")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise QloraxError(f"{path} is not valid YAML ({exc}); re-create the run with `qlorax train`") from None
-    return from_dict(data, source=str(path))
 
 
 # What must not change when a run directory is reused: anything that alters the trained result.

@@ -135,15 +135,15 @@ def dequantize(model):
             replaced += 1
     if replaced == 0:
         raise QloraxError("merge.base=dequantized: the model has no 4-bit layers to dequantize; use merge.base=original")
+    # The model is a plain one now: drop transformers' bnb markers (they forbid dtype casts).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for attr in ("is_quantized", "is_loaded_in_4bit", "hf_quantizer"):
-        if hasattr(model, attr):
-            try:
-                setattr(model, attr, False if attr != "hf_quantizer" else None)
-            except AttributeError:
-                pass
-    return model.float()
+    for attr, plain in (("quantization_method", None), ("hf_quantizer", None), ("is_loaded_in_4bit", False)):
+        if attr in model.__dict__:
+            setattr(model, attr, plain)
+    for param in model.parameters():
+        param.data = param.data.float()
+    return model
 
 
 def _dequantize_weight(layer):

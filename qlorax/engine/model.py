@@ -101,7 +101,8 @@ def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool
         raise QloraxError(f"model.path: cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
     model.requires_grad_(False)
     model.config.use_cache = False
-    _detach_from_checkpoint_file(model)
+    if backend != "none":
+        _detach_from_checkpoint_file(model)
     return model
 
 
@@ -134,15 +135,25 @@ def _load_bnb(spec: RunSpec, path: str, compute_dtype: str):
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(compute_dtype), device_map="cpu",
                                                  use_safetensors=None if spec.model.allow_pickle else True,
                                                  low_cpu_mem_usage=True, **kwargs, **_hub_kwargs(spec))
-    # Pitfall: in eval mode without gradients, bnb repacks a 4-bit weight in place for its
-    # AVX512-BF16 inference kernel; later training steps then see the repacked layout and
-    # compute wrong adapter gradients. Keep every layer on the layout training expects.
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    keep_training_layout(model)
     if q.prequantized_dir and source == path:
         save_prequantized(model, path, q.prequantized_dir)
     return model
+
+
+def keep_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    Pitfall: a Linear4bit run in eval mode without gradients on an AVX512-BF16 CPU repacks
+    its weight in place; later training steps then use the repacked bytes as if they were
+    the original layout and get wrong adapter gradients (only a UserWarning). The same
+    kernel also rejects layers whose output size is not a multiple of its block.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _load_bigdl(spec: RunSpec, path: str, compute_dtype: str):
@@ -184,32 +195,49 @@ def save_prequantized(model, base_path: str, out_dir: str) -> None:
 
 
 def _detach_from_checkpoint_file(model) -> None:
-    """Copy parameters that still view the memory-mapped checkpoint, so its pages can be released.
+    """Copy tensors that still view the memory-mapped checkpoint, so the mapping is released.
 
-    Unquantized tensors (embeddings, norms, head) can stay views of the safetensors mmap;
-    while they do, the whole file's touched pages count against the process.
+    After 4-bit quantization only the small unquantized tensors (embeddings, norms, head)
+    can still point into the safetensors mmap; while one does, the whole mapping and the
+    file pages it touched stay with the process. Linux only (reads /proc/self/maps).
     """
     import torch
 
+    ranges = _checkpoint_mappings()
+    if not ranges:
+        return
     for module in model.modules():
         for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
-            if tensor is None or tensor.dtype == torch.uint8:
+            if tensor is None or tensor.numel() == 0:
                 continue
-            storage = tensor.untyped_storage()
-            if _is_file_backed(storage):
-                copy = tensor.detach().clone()
-                if name in module._parameters:
-                    module._parameters[name] = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
-                else:
-                    module._buffers[name] = copy
+            start = tensor.untyped_storage().data_ptr()
+            if not any(lo <= start < hi for lo, hi in ranges):
+                continue
+            copy = tensor.detach().clone()
+            if name in module._parameters:
+                module._parameters[name] = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+            else:
+                module._buffers[name] = copy
+    _retie_embeddings(model)
     gc.collect()
 
 
-def _is_file_backed(storage) -> bool:
+def _checkpoint_mappings() -> list[tuple[int, int]]:
     try:
-        return bool(storage.filename)
-    except (AttributeError, RuntimeError):
-        return False
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return []
+    ranges = []
+    for line in maps.splitlines():
+        if line.endswith(".safetensors"):
+            lo, hi = line.split(None, 1)[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _retie_embeddings(model) -> None:
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 # ---------------------------------------------------------------- LoRA

@@ -25,7 +25,6 @@ from qlorax.engine.model import (attach_lora, linear_weight_bytes, load_base_mod
 from qlorax.errors import Interrupted
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
-from qlorax.spec import identity
 
 log = logging.getLogger("qlorax")
 
@@ -131,8 +130,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
 
     def save(at: int) -> None:
         state = {"step": at, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _gather_rng(world), "py_rng": list(random.getstate()), "initial_eval_loss": initial_eval,
-                 "identity": json.dumps(identity(spec), sort_keys=True)}
+                 "rng": _gather_rng(world), "py_rng": list(random.getstate()), "initial_eval_loss": initial_eval}
         if world.is_main:
             checkpoint.save(paths, at, model, state, t.save_total_limit)
         distributed.barrier(world)

@@ -13,7 +13,7 @@ from qlorax import hardware
 from qlorax.engine import checkpoint
 from qlorax.engine.data import prepare, render
 from qlorax.engine.lm import generate, held_out_loss, perplexity
-from qlorax.engine.model import load_base_model, load_tokenizer, resolve_model_path
+from qlorax.engine.model import keep_training_layout, load_base_model, load_tokenizer, resolve_model_path
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
 
@@ -69,6 +69,8 @@ def _load_tuned(spec: RunSpec, paths: RunPaths, model_path: str, precision: str)
                 load_in_4bit=True, bnb_4bit_quant_type=spec.quant.type if spec.quant.backend == "bnb" else "nf4",
                 bnb_4bit_compute_dtype=kwargs["dtype"], llm_int8_skip_modules=list(spec.quant.skip_modules))
         model = AutoModelForCausalLM.from_pretrained(paths.merged, **kwargs)
+        if spec.verify.load_in_4bit:
+            keep_training_layout(model)
         return model.eval(), f"{paths.merged}" + (" (loaded 4-bit)" if spec.verify.load_in_4bit else "")
     from peft import PeftModel
 

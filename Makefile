@@ -1,0 +1,78 @@
+# qlorax — `make help` lists the targets. Overrides go through ARGS:
+#   make train ARGS="model=stories260k data=english_quotes train.max_steps=50"
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+QLORAX := $(VENV)/bin/qlorax
+# torch comes from the CPU build: 2.13.0 installs here without pulling CUDA. Elsewhere the
+# CPU index keeps it that way (TORCH_INDEX=https://download.pytorch.org/whl/cpu make install).
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+ARGS ?=
+ASSETS ?= $(abspath ../shared/assets)
+export QLORAX_ASSETS ?= $(ASSETS)
+
+.PHONY: help install demo test test-fast train run merge verify plan runs bench bench-quick install-bigdl test-bigdl docker-build clean
+
+help: ## show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv with CPU torch and qlorax (editable, with test extras)
+
+demo: install ## train -> merge -> verify the built-in tiny model on the sample data (no network)
+	$(QLORAX) run run_dir=outputs/demo $(ARGS)
+	@echo "demo finished: see outputs/demo/report.md"
+
+test: install ## run the whole test suite (unit + integration)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install ## unit tests only (no end-to-end training)
+	$(PY) -m pytest -q -m "not integration" $(ARGS)
+
+train: install ## qlorax train $(ARGS)
+	$(QLORAX) train $(ARGS)
+
+run: install ## qlorax run $(ARGS)  (train -> merge -> verify)
+	$(QLORAX) run $(ARGS)
+
+merge: install ## qlorax merge run_dir=... $(ARGS)
+	$(QLORAX) merge $(ARGS)
+
+verify: install ## qlorax verify run_dir=... $(ARGS)
+	$(QLORAX) verify $(ARGS)
+
+plan: install ## qlorax plan $(ARGS): resolved spec, launch plan, memory estimate
+	$(QLORAX) plan $(ARGS)
+
+runs: install ## list run directories under outputs/
+	$(QLORAX) runs $(ARGS)
+
+bench: install ## training throughput / memory benchmark (benchmarks/bench.py $(ARGS))
+	$(PY) benchmarks/bench.py $(ARGS)
+
+bench-quick: install ## the benchmark's --quick mode (under 3 minutes)
+	$(PY) benchmarks/bench.py --quick $(ARGS)
+
+install-bigdl: ## separate .venv-bigdl with ipex-llm and its old transformers/peft pins
+	python3 -m venv .venv-bigdl
+	.venv-bigdl/bin/python -m pip install -q --upgrade pip
+	.venv-bigdl/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-bigdl/bin/python -m pip install -q -c constraints/bigdl.txt -e ".[test]" ipex-llm
+	touch .venv-bigdl/.installed
+
+test-bigdl: ## the bigdl backend's tests, in .venv-bigdl
+	.venv-bigdl/bin/python -m pytest -q tests/test_bigdl.py $(ARGS)
+
+docker-build: ## build the standalone and k8s images (needs a Docker engine)
+	docker build -f docker/Dockerfile -t qlorax:latest .
+	docker build -f docker/Dockerfile.k8s -t qlorax-k8s:latest .
+
+clean: ## remove outputs and caches (not the venvs)
+	rm -rf outputs multirun .pytest_cache

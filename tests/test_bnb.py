@@ -1,0 +1,130 @@
+"""The bitsandbytes NF4 path on CPU and the pitfalls qlorax handles (each with its own test)."""
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+bnb = pytest.importorskip("bitsandbytes")
+
+from qlorax import hardware  # noqa: E402
+from qlorax.engine.merge import dequantize  # noqa: E402
+from qlorax.engine.model import attach_lora, linear_weight_bytes, load_base_model, load_tokenizer  # noqa: E402
+from qlorax.spec import compose  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tmp_path_factory):
+    """A 2-layer Llama saved in bf16, with every linear size a multiple of bnb's CPU kernel block."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlorax.engine.tiny import build_tokenizer
+
+    out = tmp_path_factory.mktemp("llama128")
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _lora_model(spec, path, quantized: bool, repack_guard: bool = True):
+    model = load_base_model(spec, str(path), "bf16", quantize=True)
+    if not repack_guard:   # what plain transformers + bitsandbytes leaves in place
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = True
+    if not quantized:
+        model = dequantize(model).to(torch.bfloat16)   # bf16 model holding the dequantized weights
+    model = attach_lora(model, spec)
+    generator = torch.Generator().manual_seed(1)
+    for param in (p for p in model.parameters() if p.requires_grad):
+        param.data = torch.randn(param.shape, generator=generator) * 0.02
+    return model
+
+
+def _adapter_grads(model, ids, eval_first: bool):
+    if eval_first:
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _relative_error(a: dict, b: dict) -> float:
+    num = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5
+    return num / sum(float((b[k] ** 2).sum()) for k in b) ** 0.5
+
+
+def test_adapter_gradients_after_eval_pass_match_dequantized_bf16(bf16_model_dir):
+    spec = compose([f"model.path={bf16_model_dir}", "lora=all_linear", "lora.dropout=0"])
+    ids = load_tokenizer(spec, str(bf16_model_dir))("Once upon a time there was a cat", return_tensors="pt")["input_ids"]
+    reference = _adapter_grads(_lora_model(spec, bf16_model_dir, quantized=False), ids, eval_first=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = _adapter_grads(_lora_model(spec, bf16_model_dir, quantized=True), ids, eval_first=True)
+    assert _relative_error(fixed, reference) < 0.05
+    if "avx512_bf16" in hardware.detect().flags:
+        # Control: without the guard the eval pass repacks the weights and the gradients go wrong.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            broken = _adapter_grads(_lora_model(spec, bf16_model_dir, quantized=True, repack_guard=False), ids, True)
+        assert _relative_error(broken, reference) > 0.3
+
+
+def test_no_fp32_upcast_of_frozen_weights(bf16_model_dir):
+    spec = compose([f"model.path={bf16_model_dir}"])
+    model = attach_lora(load_base_model(spec, str(bf16_model_dir), "bf16"), spec)
+    base = model.base_model.model
+    assert base.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert base.model.norm.weight.dtype == torch.bfloat16
+    assert base.lm_head.weight.dtype == torch.bfloat16
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert base.model.embed_tokens.weight.requires_grad is False
+
+
+def test_checkpoint_file_is_not_kept_mapped_after_quantizing(bf16_model_dir):
+    spec = compose([f"model.path={bf16_model_dir}"])
+    checkpoint = str(bf16_model_dir / "model.safetensors")
+    model = load_base_model(spec, str(bf16_model_dir), "bf16")
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert checkpoint not in maps.read()
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16   # still usable
+    # Control: plain transformers keeps the mapping alive through the unquantized tensors.
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    plain = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.bfloat16, quantization_config=
+                                                 BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        assert checkpoint in maps.read()
+    del plain
+
+
+def test_nf4_linear_weights_take_a_quarter_of_bf16(bf16_model_dir):
+    spec = compose([f"model.path={bf16_model_dir}"])
+    nf4 = linear_weight_bytes(load_base_model(spec, str(bf16_model_dir), "bf16"))
+    bf16 = linear_weight_bytes(load_base_model(spec, str(bf16_model_dir), "bf16", quantize=False))
+    ratio = nf4["linear"] / bf16["linear"]
+    assert 0.25 <= ratio < 0.30, (nf4, bf16)   # 4 bits + one fp32 scale per 64 weights
+    assert nf4["other"] == bf16["other"]        # embeddings, norms and head stay unquantized
+
+
+@pytest.mark.parametrize("overrides,quant_type,nested", [(["quant=nf4"], "nf4", False), (["quant=fp4"], "fp4", False),
+                                                         (["quant=nf4_dq"], "nf4", True)])
+def test_quant_type_and_double_quant_are_honoured(bf16_model_dir, overrides, quant_type, nested):
+    spec = compose([f"model.path={bf16_model_dir}", *overrides])
+    model = load_base_model(spec, str(bf16_model_dir), "bf16")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and "lm_head" not in [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        assert layer.weight.quant_state.quant_type == quant_type
+        assert bool(layer.weight.quant_state.nested) is nested
