@@ -92,11 +92,14 @@ def run_name(run_dir: str | None) -> str:
     return f"{base}-{digest}"
 
 
+def mount_run_dir(spec: RunSpec, run: str) -> str:
+    return f"{spec.k8s.mount_path.rstrip('/')}/outputs/{run}"
+
+
 def names(spec: RunSpec) -> Names:
     run = run_name(spec.run_dir)
     job = f"qlorax-{run}"
-    return Names(run=run, job=job, config_map=f"{job}-spec",
-                 run_dir=f"{spec.k8s.mount_path.rstrip('/') or ''}/outputs/{run}")
+    return Names(run=run, job=job, config_map=f"{job}-spec", run_dir=mount_run_dir(spec, run))
 
 
 def cpu_threads(quantity: str, threads: int | None = None) -> int:
@@ -141,7 +144,7 @@ def path_mappings(spec: RunSpec) -> list[tuple[str, str, str]]:
 # ---------------------------------------------------------------- the pods' spec.yaml
 def pod_spec_dict(spec: RunSpec) -> dict[str, Any]:
     """The run spec as the pods read it (module docstring lists what differs from the host's)."""
-    from qlorax.spec import to_dict
+    from qlorax.specfile import to_dict
 
     data = to_dict(spec)
     data["run_dir"] = names(spec).run_dir
@@ -472,17 +475,24 @@ def _copy_hints(spec: RunSpec) -> list[str]:
 
 def describe(spec: RunSpec) -> list[str]:
     """What ``launch`` would render (for ``qlorax plan``); writes nothing."""
-    n, k = names(spec), spec.k8s
-    return ([f"launcher: k8s {KINDS[k.kind]} '{n.job}' in namespace {k.namespace}: {_pods_text(spec)}, image {k.image}",
+    k = spec.k8s
+    if spec.run_dir:
+        n = names(spec)
+        job, run_dir, cm, manifests = n.job, n.run_dir, n.config_map, str(manifest_path(spec))
+    else:   # `qlorax plan` without run_dir: names come from the run directory train will create
+        job, run_dir, cm = "qlorax-<run name>", mount_run_dir(spec, "<run name>"), "qlorax-<run name>-spec"
+        manifests = f"<run_dir>/k8s/{k.kind}.yaml"
+    pods_run = shlex.join(worker_command(spec)).replace(names(spec).run_dir, run_dir)
+    return ([f"launcher: k8s {KINDS[k.kind]} '{job}' in namespace {k.namespace}: {_pods_text(spec)}, image {k.image}",
              f"each rank: cpu {k.cpu}, memory {k.memory} (requests = limits), "
              f"OMP_NUM_THREADS={cpu_threads(k.cpu, k.threads)}",
              _volume_text(spec),
-             f"run directory in the pods: {n.run_dir} (spec.yaml from ConfigMap {n.config_map})",
-             f"pods run: {shlex.join(worker_command(spec))}"]
+             f"run directory in the pods: {run_dir} (spec.yaml from ConfigMap {cm})",
+             f"pods run: {pods_run}"]
             + _copy_hints(spec)
-            + [f"manifests: {manifest_path(spec) if spec.run_dir else '<run_dir>/k8s/' + k.kind + '.yaml'}",
-               f"start: kubectl apply -f {manifest_path(spec) if spec.run_dir else '<manifests>'}"
-               + ("" if not k.apply else " (k8s.apply=true: qlorax runs it and follows the job)")])
+            + [f"manifests: {manifests}",
+               f"start: kubectl apply -f {manifests}"
+               + (" (k8s.apply=true: qlorax applies it and follows the job)" if k.apply else "")])
 
 
 def launch(spec: RunSpec) -> LaunchResult:
