@@ -134,11 +134,14 @@ def pod_path(path: str | None, mount_path: str, folder: str, keep_name: bool) ->
 def path_mappings(spec: RunSpec) -> list[tuple[str, str, str]]:
     """(key, host path, pod path) for each path the pods see somewhere else."""
     mount = spec.k8s.mount_path
-    candidates = [("model.path", spec.model.path, pod_path(spec.model.path, mount, "model", False)),
-                  ("data.path", spec.data.path, pod_path(spec.data.path, mount, "data", True)),
-                  ("quant.prequantized_dir", spec.quant.prequantized_dir,
-                   pod_path(spec.quant.prequantized_dir, mount, "prequantized", True))]
-    return [(key, host, pod) for key, host, pod in candidates if host and pod != host]  # type: ignore[misc]
+    found = []
+    for key, host, folder, keep_name in (("model.path", spec.model.path, "model", False),
+                                         ("data.path", spec.data.path, "data", True),
+                                         ("quant.prequantized_dir", spec.quant.prequantized_dir, "prequantized", True)):
+        pod = pod_path(host, mount, folder, keep_name)
+        if host and pod and pod != host:
+            found.append((key, host, pod))
+    return found
 
 
 # ---------------------------------------------------------------- the pods' spec.yaml

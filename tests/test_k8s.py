@@ -369,39 +369,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def local_pods(job: dict[str, Any], port: int) -> list[tuple[list[str], dict[str, str]]]:
+    """(command, env) of each rank's container, with what the cluster would add to the env.
+
+    PyTorchJob: the training-operator injects MASTER_ADDR/PORT, WORLD_SIZE and RANK. Indexed
+    Job: RANK comes from the completion-index annotation, and MASTER_ADDR (pod 0's DNS name
+    behind the headless Service) resolves to this machine.
+    """
+    pods = []
+    if job["kind"] == "PyTorchJob":
+        replicas = job["spec"]["pytorchReplicaSpecs"]
+        ranks = [("Master", 0, 0), ("Worker", 0, 1)]
+        for replica, index, rank in ranks:
+            container = replicas[replica]["template"]["spec"]["containers"][0]
+            env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(len(ranks)), RANK=str(rank),
+                       PYTHONUNBUFFERED="0", HOSTNAME=f"{job['metadata']['name']}-{replica.lower()}-{index}")
+            pods.append((container["command"], env))
+    else:
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        for rank in range(job["spec"]["completions"]):
+            env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+            assert "RANK" not in env and env["WORLD_SIZE"] == "2"
+            env.update(RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       HOSTNAME=f"{job['metadata']['name']}-{rank}")
+            pods.append((container["command"], env))
+    return pods
+
+
 @pytest.mark.integration
-def test_pytorchjob_pod_commands_train_on_a_local_volume(tmp_path):
-    """Run each replica's container command as the training-operator would start it.
+@pytest.mark.parametrize("kind", ["pytorchjob", "job"])
+def test_pod_commands_train_on_a_local_volume(tmp_path, kind):
+    """Run each rank's container command as the cluster would start it, on this machine.
 
     The volume is a temporary folder (k8s.mount_path points at it) and the ConfigMap's
-    spec.yaml is a file; everything else is taken verbatim from the rendered PyTorchJob.
+    spec.yaml is a file; commands and env are otherwise taken verbatim from the manifests.
     """
     volume = tmp_path / "volume"
     volume.mkdir()
-    spec = compose(BASE + [f"run_dir={tmp_path / 'host-run'}", f"k8s.mount_path={volume}", "k8s.cpu=1",
-                           "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1", "quiet=true",
-                           "stages=[train]"])
-    config_map, job = k8s.render(spec)
+    spec = compose(BASE + [f"run_dir={tmp_path / 'host-run'}", f"k8s.kind={kind}", f"k8s.mount_path={volume}",
+                           "k8s.cpu=1", "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1",
+                           "quiet=true", "stages=[train]"])
+    objects = k8s.render(spec)
     spec_file = tmp_path / "configmap" / "spec.yaml"
     spec_file.parent.mkdir()
-    spec_file.write_text(config_map["data"]["spec.yaml"])
-    port = free_port()
-    python_bin = str(Path(sys.executable).parent)
-    base_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("PMI_", "OMPI_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    spec_file.write_text(objects[0]["data"]["spec.yaml"])
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("PMI_", "OMPI_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{inherited.get('PATH', '')}"   # `python` is this venv's
     processes = []
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    for rank, (replica, index) in enumerate([("Master", 0), ("Worker", 0)]):
-        container = replicas[replica]["template"]["spec"]["containers"][0]
-        env = dict(base_env, **{e["name"]: e["value"] for e in container["env"] if "value" in e})
-        env.update(QLORAX_SPEC_SOURCE=str(spec_file),                 # the ConfigMap mount
-                   PATH=f"{python_bin}{os.pathsep}{base_env.get('PATH', '')}",
-                   HOSTNAME=f"{job['metadata']['name']}-{replica.lower()}-{index}",
-                   # what the training-operator injects
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                   PYTHONUNBUFFERED="0")
-        processes.append(subprocess.Popen(container["command"], env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
+    for command, env in local_pods(workload(objects), free_port()):
+        env = {**inherited, **env, "QLORAX_SPEC_SOURCE": str(spec_file), "PATH": path}   # spec: the ConfigMap
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
     outputs = []
     try:
         for p in processes:
@@ -417,4 +437,5 @@ def test_pytorchjob_pod_commands_train_on_a_local_volume(tmp_path):
     assert (run_dir / "checkpoints" / "step-000004" / "adapter_model.safetensors").is_file()
     assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().strip()
     assert (run_dir / "spec.yaml").read_text() == spec_file.read_text()
+    assert {p.name for p in (run_dir / "logs").iterdir()} == {"rank-0.log", "rank-1.log"}
     assert not (tmp_path / "host-run" / "checkpoints").exists()

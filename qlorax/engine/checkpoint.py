@@ -49,6 +49,8 @@ def save(paths: RunPaths, step: int, model, state: dict[str, Any], keep: int) ->
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=paths.checkpoints))
         model.save_pretrained(staging, safe_serialization=True)
+        if os.environ.get("QLORAX_TEST_KILL_IN_CHECKPOINT") == str(step):   # crash-safety tests only
+            os.kill(os.getpid(), 9)
         torch.save(state, staging / STATE)
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         for f in files:

@@ -121,6 +121,16 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past ``last_step`` (and any line cut by a kill) before a resumed run appends."""
+    if not path.is_file():
+        return
+    kept = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def reference_line(loss: float, learning_rate: float, epoch: float) -> str:
     """The line the reference recipe's users know from the HF Trainer."""
     return str({"loss": round(loss, 4), "learning_rate": float(f"{learning_rate:.6g}"), "epoch": round(epoch, 2)})

@@ -17,7 +17,8 @@ from typing import Any
 
 from qlorax import hardware, runstatus
 from qlorax.engine import checkpoint, distributed
-from qlorax.engine.console import MetricsWriter, Progress, peak_rss_mib, reference_line, rss_mib, setup_logging
+from qlorax.engine.console import (MetricsWriter, Progress, peak_rss_mib, reference_line, rss_mib, setup_logging,
+                                   truncate_metrics)
 from qlorax.engine.data import collate, global_target_tokens, prepare, rank_micro_batches
 from qlorax.engine.lm import autocast, held_out_loss, loss_sum
 from qlorax.engine.model import (attach_lora, linear_weight_bytes, load_base_model, load_tokenizer,
@@ -96,6 +97,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
         torch.set_rng_state(state["rng"][world.rank] if world.rank < len(state["rng"]) else state["rng"][0])
         random.setstate(_tuple(state["py_rng"]))
         start_step, initial_eval = step, state.get("initial_eval_loss")
+        if world.is_main:
+            truncate_metrics(paths.metrics, step)   # steps after the checkpoint are redone
         log.info("resumed from %s (step %d of %d)", where, step, total_steps)
     else:
         torch.manual_seed(spec.seed + world.rank)   # dropout differs per rank
