@@ -68,7 +68,9 @@ def launch(spec: RunSpec) -> LaunchResult:
     paths = RunPaths(spec.run_dir)
     logs = paths.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, QLORAX_RANK_LOG_DIR=str(logs), PYTHONUNBUFFERED="1")
+    # Each rank sets its own thread count and affinity; this only stops torchrun defaulting to 1.
+    threads = str(rank_plans(spec)[0].threads)
+    env = dict(os.environ, QLORAX_RANK_LOG_DIR=str(logs), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads)
     process = subprocess.Popen(torchrun_command(spec, port), env=env, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     torchrun_err = []

@@ -121,6 +121,21 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     return t.tolist()
 
 
+def max_divergence(params, world: World) -> float:
+    """Largest difference between any rank's parameters and rank 0's (0.0 means identical)."""
+    if not world.distributed:
+        return 0.0
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.cat([p.detach().reshape(-1).float() for p in params])
+    reference = mine.clone()
+    dist.broadcast(reference, src=0)
+    diff = (mine - reference).abs().max().reshape(1)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff.item())
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist

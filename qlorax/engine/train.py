@@ -35,8 +35,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
     import torch
 
     paths = RunPaths(spec.run_dir)
+    setup_logging(paths.log, distributed.env_world()[0], spec.quiet)
     world = distributed.init(spec.parallel.backend, spec.parallel.preflight_timeout_s)
-    setup_logging(paths.log, world.rank, spec.quiet)
     t = spec.train
     topo = hardware.detect(spec.hardware.sysfs_root)
     precision, why = hardware.choose_precision(t.precision, topo)
@@ -202,7 +202,10 @@ def train(spec: RunSpec) -> dict[str, Any]:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-    summary = {"steps": step, "total_steps": total_steps, "final_loss": last_loss, "initial_eval_loss": initial_eval,
+    divergence = distributed.max_divergence(params, world)
+    if divergence > 0:
+        log.warning("ranks hold different adapters (max difference %.3g): gradient synchronisation failed", divergence)
+    summary = {"steps": step, "rank_adapter_max_diff": divergence, "total_steps": total_steps, "final_loss": last_loss, "initial_eval_loss": initial_eval,
                "final_eval_loss": eval_loss, "precision": precision, "precision_reason": why,
                "quant": f"{spec.quant.backend}/{spec.quant.type}", "world_size": world.size,
                "linear_weight_bytes": weights["linear"], "other_weight_bytes": weights["other"],

@@ -1,0 +1,142 @@
+"""Multi-process training on one node over gloo: equivalence, failure handling, other launchers' env."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_user_error, run_cli
+
+pytestmark = pytest.mark.integration
+COMMON = ["data.cutoff_len=64", "train.max_steps=8", "train.batch_size=4", "train.micro_batch_size=2",
+          "train.logging_steps=1", "train.save_steps=4", "lora.dropout=0", "quiet=true"]
+
+
+def _adapter_tensors(run_dir: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:06d}" / "adapter_model.safetensors"))
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = run_cli("train", *COMMON, f"run_dir={one}")
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = run_cli("train", "parallel=ccl", "workers=2", *COMMON, f"run_dir={two}")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "2 ranks over gloo" in double.stderr and "not installed" in double.stderr   # says which backend and why
+    a, b = _adapter_tensors(one, 8), _adapter_tensors(two, 8)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    scale = max(float(a[k].abs().max()) for k in a)
+    assert worst < 0.02 * scale, (worst, scale)
+    summary = json.loads((two / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["rank_adapter_max_diff"] == 0.0   # both ranks identical
+    # Same run directory layout as a single-process run; rank 0 alone wrote it.
+    files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if ".hydra" not in p.parts
+                             and "logs" not in p.parts and "data_cache" not in p.parts)
+    assert files(one) == files(two)
+    assert sorted(p.name for p in (two / "logs").iterdir()) == ["rank-0.log", "rank-1.log"]
+    loss_one = [json.loads(l)["loss"] for l in (one / "metrics.jsonl").read_text().splitlines()]
+    loss_two = [json.loads(l)["loss"] for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert max(abs(x - y) for x, y in zip(loss_one, loss_two)) < 0.02
+
+
+def _descendants_alive(marker: str) -> list[int]:
+    import psutil
+
+    alive = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or []):
+                alive.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return alive
+
+
+def test_killing_one_rank_stops_the_job_quickly_with_no_orphans(tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "dies"
+    args = [sys.executable, "-m", "qlorax", "train", "parallel=ccl", "workers=2", *COMMON, "train.max_steps=100000",
+            f"run_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "qlorax.launchers.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    assert len(victims) == 1
+    killed_at = time.monotonic()
+    victims[0].send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - killed_at
+    assert proc.returncode != 0
+    assert elapsed < 30, f"job took {elapsed:.1f}s to stop"
+    assert "rank 1 failed" in err and "rank-1.log" in err and "Traceback" not in err.split("rank 1 failed")[-1][:200]
+    time.sleep(0.5)
+    assert _descendants_alive(str(run_dir)) == [], "processes left behind"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_worker_runs_under_mpi_style_environment(tmp_path):
+    """Ranks started by mpirun (Intel MPI sets PMI_RANK/PMI_SIZE) read spec.yaml and train together."""
+    from qlorax.spec import compose
+    from qlorax.specfile import save_spec
+
+    run_dir = tmp_path / "mpi"
+    spec = compose(["parallel=ccl", "workers=2", *COMMON, f"run_dir={run_dir}"])
+    save_spec(spec, run_dir / "spec.yaml")
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(PMI_RANK=str(rank), PMI_SIZE="2", MPI_LOCALRANKID=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "qlorax.launchers.worker", "--run-dir", str(run_dir)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["rank_adapter_max_diff"] == 0.0
+
+
+def test_preflight_fails_fast_when_a_rank_never_arrives(tmp_path):
+    from qlorax.spec import compose
+    from qlorax.specfile import save_spec
+
+    run_dir = tmp_path / "alone"
+    spec = compose(["parallel=ccl", "workers=2", *COMMON, f"run_dir={run_dir}", "parallel.preflight_timeout_s=3"])
+    save_spec(spec, run_dir / "spec.yaml")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "qlorax.launchers.worker", "--run-dir", str(run_dir)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "pre-flight" in result.stderr and "MASTER_ADDR" in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run_cli("train", "parallel=ccl", "workers=2", *COMMON, f"parallel.master_port={port}",
+                         f"run_dir={tmp_path / 'r'}")
+    assert_user_error(result, f"127.0.0.1:{port} is already in use", "parallel.master_port=0")
