@@ -60,15 +60,21 @@ bench: install ## training throughput / memory benchmark (benchmarks/bench.py $(
 bench-quick: install ## the benchmark's --quick mode (under 3 minutes)
 	$(PY) benchmarks/bench.py --quick $(ARGS)
 
-install-bigdl: ## separate .venv-bigdl with ipex-llm and its old transformers/peft pins
-	python3 -m venv .venv-bigdl
-	.venv-bigdl/bin/python -m pip install -q --upgrade pip
-	.venv-bigdl/bin/python -m pip install -q "$(TORCH_SPEC)"
-	.venv-bigdl/bin/python -m pip install -q -c constraints/bigdl.txt -e ".[test]" ipex-llm
-	touch .venv-bigdl/.installed
+BIGDL_VENV := .venv-bigdl
 
-test-bigdl: ## the bigdl backend's tests, in .venv-bigdl
-	.venv-bigdl/bin/python -m pytest -q tests/test_bigdl.py $(ARGS)
+# ipex-llm without its [all] extra (that one pins torch 2.1.2), plus the py-cpuinfo its CPU
+# kernels import; constraints/bigdl.txt pins the old transformers / peft line it needs.
+$(BIGDL_VENV)/.installed: pyproject.toml constraints/bigdl.txt
+	python3 -m venv $(BIGDL_VENV)
+	$(BIGDL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BIGDL_VENV)/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIGDL_VENV)/bin/python -m pip install -q -c constraints/bigdl.txt -e ".[test]" ipex-llm py-cpuinfo
+	touch $@
+
+install-bigdl: $(BIGDL_VENV)/.installed ## separate .venv-bigdl with ipex-llm and its old transformers/peft pins
+
+test-bigdl: install-bigdl ## the bigdl backend's tests, in .venv-bigdl
+	$(BIGDL_VENV)/bin/python -m pytest -q tests/test_bigdl.py $(ARGS)
 
 docker-build: ## build the standalone and k8s images (needs a Docker engine)
 	docker build -f docker/Dockerfile -t qlorax:latest .

@@ -149,6 +149,7 @@ def prepare_run_dir(spec) -> None:
     from qlorax.specfile import load_spec, save_spec
 
     paths = RunPaths(spec.run_dir)
+    check_inputs(spec)
     if paths.spec.is_file():
         old = load_spec(paths.spec)
         changed = identity_diff(old, spec)
@@ -161,6 +162,20 @@ def prepare_run_dir(spec) -> None:
                               "resume=auto, or start over in a new run_dir")
     check_fits(spec)
     save_spec(spec, paths.spec)
+
+
+def check_inputs(spec) -> None:
+    """Model directory and data rows are checked here, once, before any rank or pod starts."""
+    from qlorax.engine.data import check_fields, data_source, read_rows
+    from qlorax.engine.model import check_model_path
+
+    if spec.parallel.launcher == "k8s":
+        return   # paths refer to the cluster's volume, not to this machine
+    check_model_path(spec)
+    if data_source(spec.data)[1] == "hub":
+        return   # fetched by the ranks themselves
+    rows, source = read_rows(spec.data)
+    check_fields(rows, spec.data, source)
 
 
 def _value(spec, dotted: str):

@@ -74,8 +74,10 @@ def check_overrides(overrides: list[str]) -> tuple[list[str], list[Problem]]:
         try:
             (override,) = parser.parse_overrides([text])
         except Exception as exc:  # hydra's grammar error
-            problems.append(Problem(text, f"cannot parse override: {str(exc).splitlines()[0]}",
-                                    "write overrides as key=value, e.g. lora.r=8"))
+            key, _, value = text.partition("=")
+            fix = (f"quote the value for Hydra: '{key}=\"{value}\"' (keep the single quotes in a shell)"
+                   if value and any(c in value for c in "{}[]:,=()") else "write overrides as key=value, e.g. lora.r=8")
+            problems.append(Problem(key or text, f"cannot parse override {text!r}: {str(exc).splitlines()[0]}", fix))
             continue
         key = override.key_or_group
         if key.startswith("hydra.") or key.startswith("hydra/") or key == "hydra":

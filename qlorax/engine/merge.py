@@ -16,7 +16,7 @@ from typing import Any
 
 from qlorax.engine import checkpoint
 from qlorax.engine.data import collate, prepare
-from qlorax.engine.model import load_base_model, load_tokenizer, resolve_model_path
+from qlorax.engine.model import dtype_kwarg, load_base_model, load_tokenizer, resolve_model_path
 from qlorax.errors import QloraxError
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
@@ -62,7 +62,7 @@ def merge(spec: RunSpec) -> dict[str, Any]:
         tokenizer.save_pretrained(staging)
         generation = getattr(merged, "generation_config", None) or GenerationConfig.from_model_config(merged.config)
         generation.save_pretrained(staging)
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32, device_map="cpu")
+        reloaded = AutoModelForCausalLM.from_pretrained(staging, **dtype_kwarg(torch.float32), device_map="cpu")
         reloaded.eval()
         with torch.no_grad():
             logits = reloaded(input_ids=ids, attention_mask=mask).logits.float()

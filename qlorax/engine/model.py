@@ -21,11 +21,18 @@ log = logging.getLogger("qlorax")
 # ---------------------------------------------------------------- locating the model
 def resolve_model_path(spec: RunSpec) -> str:
     """A local directory (checked) or a hub id, as from_pretrained takes it."""
-    path = spec.model.path
-    if path == "builtin:tiny":
+    if spec.model.path == "builtin:tiny":
         from qlorax.engine.tiny import tiny_model_dir
 
         return str(tiny_model_dir())
+    return check_model_path(spec)
+
+
+def check_model_path(spec: RunSpec) -> str:
+    """Check a local model directory without loading anything (hub ids pass through)."""
+    path = spec.model.path
+    if path == "builtin:tiny":
+        return path
     local = Path(path).expanduser()
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
     if not looks_local:
@@ -69,7 +76,16 @@ def load_tokenizer(spec: RunSpec, path: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(spec))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(spec))
+        except (OSError, ValueError):
+            raise
+        except Exception as exc:   # the tokenizers library's parse error: tokenizer.json is newer than it
+            import tokenizers
+
+            log.warning("tokenizers %s cannot read %s/tokenizer.json (%s): using the slow (sentencepiece) tokenizer",
+                        tokenizers.__version__, path, str(exc).splitlines()[0])
+            tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, **_hub_kwargs(spec))
     except (OSError, ValueError) as exc:
         raise QloraxError(f"model.path: cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -86,6 +102,15 @@ def torch_dtype(name: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def dtype_kwarg(dtype) -> dict[str, Any]:
+    """from_pretrained's dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before
+    (the bigdl backend needs transformers 4.3x)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 # ---------------------------------------------------------------- backends
@@ -109,7 +134,7 @@ def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool
 def _load_plain(spec: RunSpec, path: str, compute_dtype: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(compute_dtype), device_map="cpu",
+    return AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(torch_dtype(compute_dtype)), device_map="cpu",
                                                 use_safetensors=None if spec.model.allow_pickle else True,
                                                 low_cpu_mem_usage=True, **_hub_kwargs(spec))
 
@@ -132,7 +157,7 @@ def _load_bnb(spec: RunSpec, path: str, compute_dtype: str):
         source, config = q.prequantized_dir, None
         log.info("loading the already-quantized checkpoint %s", source)
     kwargs = {"quantization_config": config} if config is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(compute_dtype), device_map="cpu",
+    model = AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(torch_dtype(compute_dtype)), device_map="cpu",
                                                  use_safetensors=None if spec.model.allow_pickle else True,
                                                  low_cpu_mem_usage=True, **kwargs, **_hub_kwargs(spec))
     keep_training_layout(model)

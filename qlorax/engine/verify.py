@@ -13,7 +13,7 @@ from qlorax import hardware
 from qlorax.engine import checkpoint
 from qlorax.engine.data import prepare, render
 from qlorax.engine.lm import generate, held_out_loss, perplexity
-from qlorax.engine.model import keep_training_layout, load_base_model, load_tokenizer, resolve_model_path
+from qlorax.engine.model import dtype_kwarg, keep_training_layout, load_base_model, load_tokenizer, resolve_model_path
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
 
@@ -61,13 +61,14 @@ def _load_tuned(spec: RunSpec, paths: RunPaths, model_path: str, precision: str)
     if paths.merged.is_dir() and paths.merge_info.is_file():
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if precision == "bf16" else torch.float32, "device_map": "cpu"}
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        kwargs: dict[str, Any] = {**dtype_kwarg(dtype), "device_map": "cpu"}
         if spec.verify.load_in_4bit:
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=spec.quant.type if spec.quant.backend == "bnb" else "nf4",
-                bnb_4bit_compute_dtype=kwargs["dtype"], llm_int8_skip_modules=list(spec.quant.skip_modules))
+                bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(spec.quant.skip_modules))
         model = AutoModelForCausalLM.from_pretrained(paths.merged, **kwargs)
         if spec.verify.load_in_4bit:
             keep_training_layout(model)
