@@ -1,8 +1,10 @@
 """Local launcher: the train stage in this process, pinned to this machine's physical cores."""
 from __future__ import annotations
 
+from qlorax import runstatus
 from qlorax.launchers import LaunchResult
 from qlorax.launchers.pinning import apply, format_plans, rank_plans
+from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
 
 
@@ -14,5 +16,6 @@ def launch(spec: RunSpec) -> LaunchResult:
     apply(spec, 0, 1)
     from qlorax.engine.train import train
 
-    summary = train(spec)
+    with runstatus.tracking(RunPaths(spec.run_dir), "train"):
+        summary = train(spec)
     return LaunchResult(ok=True, message=f"trained {summary['steps']} steps", details=summary)

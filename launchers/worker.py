@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 
+from qlorax import runstatus
 from qlorax.errors import QloraxError
 from qlorax.paths import RunPaths
 from qlorax.specfile import load_spec
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if "train" in stages:
             from qlorax.engine.train import train
 
-            train(spec)
+            with runstatus.tracking(RunPaths(args.run_dir), "train", enabled=rank == 0):
+                train(spec)
         if rank == 0 and ("merge" in stages or "verify" in stages):
             from qlorax.engine.stages import run_stages
 

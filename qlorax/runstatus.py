@@ -1,6 +1,7 @@
 """status.json of a run directory, and the listing behind ``qlorax runs``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -18,6 +19,20 @@ def write(paths: RunPaths, state: str, stage: str, **extra) -> None:
     tmp = paths.status.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, paths.status)
+
+
+@contextlib.contextmanager
+def tracking(paths: RunPaths, stage: str, enabled: bool = True):
+    """status.json says running while the block runs, then failed or interrupted if it raises."""
+    if enabled:
+        write(paths, "running", stage)
+    try:
+        yield
+    except BaseException as exc:
+        if enabled:
+            interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
+            write(paths, "interrupted" if interrupted else "failed", stage, error=str(exc)[:500] or type(exc).__name__)
+        raise
 
 
 def read(paths: RunPaths) -> dict:

@@ -300,11 +300,21 @@ def compose(overrides: list[str]) -> RunSpec:
 
     register_configs()
     good, problems = check_overrides(overrides)
-    good = [o for o in good if not o.startswith("hydra")]
+    good = [_first_of_sweep(o) for o in good if not o.startswith("hydra")]
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name=CONFIG_NAME, overrides=good)
     return from_config(cfg, problems)
+
+
+def _first_of_sweep(override: str) -> str:
+    """`lora.r=4,8,16` -> `lora.r=4`: each sweep value was checked; compose one to validate the rest."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (parsed,) = OverridesParser.create().parse_overrides([override])
+    if not parsed.is_sweep_override():
+        return override
+    return f"{parsed.key_or_group}={next(iter(parsed.sweep_string_iterator()))}"
 
 
 def from_config(cfg: Any, problems: list[Problem] | None = None, run_dir: str | None = None) -> RunSpec:

@@ -72,6 +72,9 @@ def test_standalone_dockerfile():
     assert f"torch=={pinned}" in makefile, "the image and `make install` should pin the same torch"
     install = runs.index(torch_runs[0])
     assert any("pip install ." in r for r in runs[install + 1:]), "qlorax is installed after torch"
+    # Pods must not build the built-in model themselves (ranks > 0 would write it without weights).
+    assert any("QLORAX_CACHE=" in v for v in values(instructions, "ENV"))
+    assert any("tiny_model_dir()" in r for r in runs)
 
 
 def test_k8s_dockerfile_matches_the_mpijob_manifest():

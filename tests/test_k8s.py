@@ -414,6 +414,11 @@ def test_pod_commands_train_on_a_local_volume(tmp_path, kind):
     spec_file = tmp_path / "configmap" / "spec.yaml"
     spec_file.parent.mkdir()
     spec_file.write_text(objects[0]["data"]["spec.yaml"])
+    # The image ships the built-in model ready-built (docker/Dockerfile); so does this "image".
+    # Built by a rank > 0 it would lack its weights: transformers saves only on rank 0.
+    from qlorax.engine.tiny import tiny_model_dir
+
+    tiny_model_dir()
     inherited = {k: v for k, v in os.environ.items()
                  if not k.startswith(("PMI_", "OMPI_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_"))}
     path = f"{Path(sys.executable).parent}{os.pathsep}{inherited.get('PATH', '')}"   # `python` is this venv's

@@ -75,6 +75,13 @@ def save(paths: RunPaths, step: int, model, state: dict[str, Any], keep: int) ->
     return target
 
 
+def remove_partial(paths: RunPaths) -> None:
+    """Delete temporary checkpoint directories left by a process killed while writing."""
+    if paths.checkpoints.is_dir():
+        for stale in paths.checkpoints.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def check(checkpoint: Path) -> str:
     """'' when every file matches the manifest, else what is wrong."""
     manifest_path = checkpoint / MANIFEST

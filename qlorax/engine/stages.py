@@ -19,8 +19,7 @@ def run_stages(spec: RunSpec, stages: list[str]) -> dict:
     for stage in ("merge", "verify"):
         if stage not in stages:
             continue
-        runstatus.write(paths, "running", stage)
-        try:
+        with runstatus.tracking(paths, stage):
             if stage == "merge":
                 from qlorax.engine.merge import merge
 
@@ -29,9 +28,6 @@ def run_stages(spec: RunSpec, stages: list[str]) -> dict:
                 from qlorax.engine.verify import verify
 
                 results[stage] = verify(spec)
-        except BaseException as exc:
-            runstatus.write(paths, "failed", stage, error=str(exc)[:500])
-            raise
         runstatus.write(paths, "finished", stage)
     from qlorax.engine.report import write_report
 

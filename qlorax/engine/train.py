@@ -31,7 +31,10 @@ log = logging.getLogger("qlorax")
 
 
 def train(spec: RunSpec) -> dict[str, Any]:
-    """Run (or resume) training as described by ``spec``; returns the train summary."""
+    """Run (or resume) training as described by ``spec``; returns the train summary.
+
+    The caller tracks the stage in status.json (``runstatus.tracking``); this writes "finished".
+    """
     import torch
 
     paths = RunPaths(spec.run_dir)
@@ -46,10 +49,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
              spec.quant.type, "+double-quant" if spec.quant.double_quant else "", spec.lora.r, spec.lora.alpha,
              spec.lora.dropout, ",".join(spec.lora.target_modules))
     if world.is_main:
-        runstatus.write(paths, "running", "train")
-        for stale in paths.checkpoints.glob(".tmp-*") if paths.checkpoints.is_dir() else []:
-            import shutil
-            shutil.rmtree(stale, ignore_errors=True)   # a write cut short by a kill
+        checkpoint.remove_partial(paths)   # writes cut short by a kill
 
     # ---- data
     model_path = resolve_model_path(spec)
@@ -191,11 +191,6 @@ def train(spec: RunSpec) -> dict[str, Any]:
                 name = signal.Signals(stop["signal"]).name
                 raise Interrupted(f"{name}: stopped at step {step} after saving a checkpoint; continue with "
                                   f"`qlorax train run_dir={paths.root} resume=auto`")
-    except BaseException as exc:
-        if world.is_main:
-            state = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
-            runstatus.write(paths, state, "train", step=step, total_steps=total_steps, error=str(exc)[:500])
-        raise
     finally:
         progress.close()
         metrics.close()
