@@ -331,11 +331,12 @@ def render_pytorchjob(spec: RunSpec) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------- MPIJob
-def mpirun_command(spec: RunSpec) -> list[str]:
-    """mpirun over the worker pods (mpi-operator writes the hostfile, one slot per worker).
+def mpirun_command(spec: RunSpec) -> str:
+    """The launcher's mpirun line (shell text): one rank per worker pod, from mpi-operator's hostfile.
 
-    Open MPI starts ranks through ssh, which does not carry the launcher's environment: the
-    variables the ranks need are exported with -x (the hub token by name, never by value).
+    Open MPI starts ranks through ssh, whose sessions have neither the pod's nor the image's
+    environment: the variables the ranks need are exported with -x (the hub token by name,
+    never by value; the image's QLORAX_CACHE, which holds the ready-built demo model, when set).
     """
     n = names(spec)
     master = f"{n.job}-worker-0.{n.job}-worker.{spec.k8s.namespace}.svc"   # mpi-operator's worker DNS
@@ -347,13 +348,13 @@ def mpirun_command(spec: RunSpec) -> list[str]:
         cmd += ["-x", f"{name}={value}"]
     if spec.k8s.hub_token_secret:
         cmd += ["-x", spec.model.hub_token_env]
-    return cmd + worker_command(spec)
+    return f"{shlex.join(cmd)} ${{QLORAX_CACHE:+-x QLORAX_CACHE}} {shlex.join(worker_command(spec))}"
 
 
 def render_mpijob(spec: RunSpec) -> list[dict[str, Any]]:
     """ConfigMap + MPIJob: a small launcher running mpirun, and one sshd worker pod per rank."""
     n = names(spec)
-    script = _copy_spec_lines(n.run_dir) + ["exec " + shlex.join(mpirun_command(spec))]
+    script = _copy_spec_lines(n.run_dir) + ["exec " + mpirun_command(spec)]
     launcher = {"name": "launcher", "image": spec.k8s.image, "imagePullPolicy": spec.k8s.image_pull_policy,
                 "command": _shell(script),
                 "env": _env_list({"QLORAX_SPEC_SOURCE": f"{SPEC_DIR}/{SPEC_KEY}"}) + _hub_token_env(spec),

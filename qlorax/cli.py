@@ -73,7 +73,7 @@ def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 
 def _hydra_command(command: str, args: list[str]) -> int:
     """train / run: validate first (exit 2 with every problem), then hand over to Hydra's main."""
-    from qlorax.spec import compose
+    from qlorax.spec import compose, force_dict_overrides
 
     flags, overrides = _split_flags(args)
     asks_help = any(f in ("--help", "-h", "--hydra-help") for f in flags)
@@ -105,7 +105,7 @@ def _hydra_command(command: str, args: list[str]) -> int:
             sys.exit(exc.exit_code)
 
     saved_argv = sys.argv
-    sys.argv = [f"qlorax {command}"] + flags + overrides
+    sys.argv = [f"qlorax {command}"] + flags + force_dict_overrides(overrides)
     try:
         hydra.main(config_path="pkg://qlorax.conf", config_name="config", version_base="1.3")(task)()
     finally:

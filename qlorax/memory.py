@@ -41,6 +41,16 @@ class Estimate:
         return self.available <= 0 or self.total * self.ranks_here <= self.available
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity ('32Gi', '500M', '1e9') in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "m": 1e-3}
+    for suffix in sorted(units, key=len, reverse=True):
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * units[suffix])
+    return int(float(quantity))
+
+
 def model_shape(spec: RunSpec) -> tuple[dict, str]:
     """Shape fields of the model (config.json keys) and where they came from."""
     m = spec.model
@@ -67,7 +77,12 @@ def model_shape(spec: RunSpec) -> tuple[dict, str]:
 def estimate(spec: RunSpec) -> Estimate:
     shape, source = model_shape(spec)
     topo = hardware.detect(spec.hardware.sysfs_root)
-    available = int(spec.hardware.memory_limit_gb * 2**30) if spec.hardware.memory_limit_gb else topo.memory_available
+    if spec.hardware.memory_limit_gb:
+        available = int(spec.hardware.memory_limit_gb * 2**30)
+    elif spec.parallel.launcher == "k8s":
+        available = quantity_bytes(spec.k8s.memory)   # each pod's limit, not this machine's memory
+    else:
+        available = topo.memory_available
     ranks_here = spec.workers if spec.parallel.launcher == "ccl" else 1
     if not shape:
         return Estimate(0, 0, 0, 0, RUNTIME_BYTES, available, ranks_here, source)

@@ -136,6 +136,8 @@ class ParallelConfig(_Freezable):
     master_port: int = opt(0, help="rendezvous port; 0 picks a free one", ge=0, le=65535)
     preflight_timeout_s: float = opt(30.0, help="seconds the pre-flight all-reduce may take before the job fails", gt=0)
     monitor_interval_s: float = opt(5.0, help="torchrun's worker health-check interval", gt=0)
+    collective_timeout_s: float = opt(1800.0, help="longest a training collective may wait (a step on a big model "
+                                                  "can take minutes); rendezvous uses preflight_timeout_s", gt=0)
 
 
 @dataclass

@@ -42,6 +42,12 @@ def _all_keys(cls: type = RunSpec, prefix: str = "") -> dict[str, dataclasses.Fi
 
 
 SCHEMA_KEYS = _all_keys()
+DICT_KEYS = {k for k, f in SCHEMA_KEYS.items() if str(f.type).startswith(("Dict", "typing.Dict"))}
+
+
+def force_dict_overrides(overrides: list[str]) -> list[str]:
+    """Dict-typed keys (k8s.node_selector) start empty and Hydra only merges into them: set them instead."""
+    return [f"++{o}" if o.split("=", 1)[0] in DICT_KEYS else o for o in overrides]
 
 
 def group_options(group: str) -> list[str]:
@@ -301,9 +307,15 @@ def compose(overrides: list[str]) -> RunSpec:
     register_configs()
     good, problems = check_overrides(overrides)
     good = [_first_of_sweep(o) for o in good if not o.startswith("hydra")]
+    from hydra.errors import HydraException
+
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=good)
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=force_dict_overrides(good))
+    except HydraException as exc:
+        problems.append(Problem("overrides", str(exc).splitlines()[0], "check the override syntax: key=value"))
+        raise ConfigError(problems) from None
     return from_config(cfg, problems)
 
 

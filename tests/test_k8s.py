@@ -152,6 +152,32 @@ def test_mpijob_is_valid(tmp_path):
     assert "sleep" not in script      # the launcher ends with mpirun, so the job ends with training
 
 
+def test_mpijob_launcher_script_copies_the_spec_and_forwards_the_environment(tmp_path):
+    """Run the launcher container's script with a fake mpirun that records its arguments."""
+    volume = tmp_path / "volume"
+    spec = make_spec(tmp_path, "k8s.kind=mpijob", f"k8s.mount_path={volume}", "k8s.hub_token_secret=hf:token")
+    config_map, job = k8s.render(spec)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(config_map["data"]["spec.yaml"])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mpirun").write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\n\' "$a"; done > "$ARGS_OUT"\n')
+    (bin_dir / "mpirun").chmod(0o755)
+    container = job["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]["containers"][0]
+    for cache in ("/opt/qlorax/cache", None):
+        env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "QLORAX_SPEC_SOURCE": str(spec_file),
+               "ARGS_OUT": str(tmp_path / "args"), **({"QLORAX_CACHE": cache} if cache else {})}
+        subprocess.run(container["command"], env=env, check=True, timeout=30)
+        args = (tmp_path / "args").read_text().splitlines()
+        assert args[:2] == ["-n", "2"]
+        assert args[args.index("python"):] == k8s.worker_command(spec)
+        exported = [args[i + 1] for i, a in enumerate(args) if a == "-x"]
+        assert "HF_TOKEN" in exported and "LOCAL_WORLD_SIZE=1" in exported
+        assert ("QLORAX_CACHE" in exported) == (cache is not None)
+    run_dir = Path(k8s.names(spec).run_dir)
+    assert (run_dir / "spec.yaml").read_text() == spec_file.read_text() and (run_dir / "logs").is_dir()
+
+
 def test_job_and_service_are_valid(tmp_path):
     spec = make_spec(tmp_path, "k8s.kind=job")
     objects = k8s.render(spec)

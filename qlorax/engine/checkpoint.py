@@ -48,7 +48,9 @@ def save(paths: RunPaths, step: int, model, state: dict[str, Any], keep: int) ->
     try:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=paths.checkpoints))
-        model.save_pretrained(staging, safe_serialization=True)
+        # qlorax never resizes or trains the embeddings; "auto" would ask the hub about the base model
+        # on every save (peft 0.10 for anything but an absolute path; offline it stalls on retries).
+        model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
         if os.environ.get("QLORAX_TEST_KILL_IN_CHECKPOINT") == str(step):   # crash-safety tests only
             os.kill(os.getpid(), 9)
         torch.save(state, staging / STATE)

@@ -58,8 +58,12 @@ def choose_backend(requested: str) -> tuple[str, str]:
     return "gloo", "oneccl_bindings_for_pytorch is not installed (pip install oneccl_bind_pt for oneCCL)"
 
 
-def init(requested_backend: str, preflight_timeout_s: float) -> World:
-    """Join the process group (if there is more than one rank) and prove it works."""
+def init(requested_backend: str, preflight_timeout_s: float, collective_timeout_s: float = 1800.0) -> World:
+    """Join the process group (if there is more than one rank) and prove it works.
+
+    Rendezvous and the pre-flight all-reduce must finish within ``preflight_timeout_s``, so a
+    missing rank or a blocked port fails in seconds; later collectives get ``collective_timeout_s``.
+    """
     rank, size, local_rank = env_world()
     if size == 1:
         return World()
@@ -73,7 +77,13 @@ def init(requested_backend: str, preflight_timeout_s: float) -> World:
         import oneccl_bindings_for_pytorch  # noqa: F401  (registers the backend)
     timeout = datetime.timedelta(seconds=preflight_timeout_s)
     try:
-        dist.init_process_group(backend=backend, rank=rank, world_size=size, timeout=timeout)
+        # torchrun's agent already serves the store at MASTER_ADDR:MASTER_PORT; otherwise rank 0 does.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                              is_master=rank == 0 and not agent_store, timeout=timeout,
+                              wait_for_workers=not agent_store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=collective_timeout_s))
         probe = torch.ones(1)
         work = dist.all_reduce(probe, async_op=True)
         if not work.wait(timeout=timeout) or int(probe.item()) != size:

@@ -128,6 +128,12 @@ def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool
     model.config.use_cache = False
     if backend != "none":
         _detach_from_checkpoint_file(model)
+        left = unquantized_linear_layers(model, spec)
+        if left:
+            shown = ", ".join(left[:12]) + (f" and {len(left) - 12} more" if len(left) > 12 else "")
+            why = {"bigdl": "ipex-llm quantizes only layers whose input size is a multiple of 64"}.get(backend, "")
+            log.warning("quant: %s/%s left %d linear layer(s) unquantized in %s%s: %s", backend, spec.quant.type,
+                        len(left), compute_dtype, f" ({why})" if why else "", shown)
     return model
 
 
@@ -195,17 +201,28 @@ def _load_bigdl(spec: RunSpec, path: str, compute_dtype: str):
         raise QloraxError("quant.backend=bigdl needs ipex-llm or bigdl-llm, which pin old transformers/peft: "
                           "build its separate environment with `make install-bigdl` and run qlorax from it "
                           "(.venv-bigdl/bin/qlorax), or use quant=nf4")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # adapter saves otherwise stall on hub retries
-    dtype = torch_dtype(compute_dtype)
-    model = module.AutoModelForCausalLM.from_pretrained(
-        path, load_in_low_bit=spec.quant.type, optimize_model=False, torch_dtype=dtype,
-        modules_to_not_convert=list(spec.quant.skip_modules), trust_remote_code=spec.model.trust_remote_code)
-    left = [name for name, m in model.named_modules()
-            if type(m).__name__ == "Linear" and not any(s in name for s in spec.quant.skip_modules)]
-    if left:
-        log.warning("bigdl left %d linear layer(s) unquantized in %s (input size does not fit its 4-bit block): %s",
-                    len(left), dtype, ", ".join(left[:6]) + (" ..." if len(left) > 6 else ""))
-    return model
+    # ipex-llm reads ``torch_dtype`` itself (it never supports the transformers that renamed it);
+    # fp32 compute (train.precision=fp32) needs an fp32 load. Only sym_int4 trains on CPU (spec.py).
+    return module.AutoModelForCausalLM.from_pretrained(
+        path, load_in_low_bit=spec.quant.type, optimize_model=False, torch_dtype=torch_dtype(compute_dtype),
+        modules_to_not_convert=list(spec.quant.skip_modules),
+        use_safetensors=None if spec.model.allow_pickle else True, **_hub_kwargs(spec))
+
+
+def unquantized_linear_layers(model, spec: RunSpec) -> list[str]:
+    """Linear layers the 4-bit backend left in bf16/fp32, besides ``quant.skip_modules``.
+
+    bitsandbytes quantizes every one; ipex-llm silently keeps a plain nn.Linear (instead of
+    its LowBitLinear, whose weight is packed uint8) where the input size is not a multiple
+    of its 64-value block, e.g. stories260K's MLP down_proj (172 inputs).
+    """
+    import torch
+
+    if spec.quant.backend == "none":
+        return []
+    return [name for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.dtype.is_floating_point and "lora_" not in name
+            and not any(skip in name for skip in spec.quant.skip_modules)]
 
 
 def save_prequantized(model, base_path: str, out_dir: str) -> None:

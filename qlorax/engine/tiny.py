@@ -21,7 +21,7 @@ def cache_root() -> Path:
 def tiny_model_dir() -> Path:
     """Directory of the built-in model, building it on first use (atomically, safe across ranks)."""
     target = cache_root() / TINY_VERSION
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
@@ -65,6 +65,12 @@ def build_tiny(out_dir: Path, seed: int = 0) -> None:
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # Not model.save_pretrained: transformers >= 5 skips its writes on ranks != 0 once a process
+    # group exists, and any rank may be the one that builds this cache.
+    from safetensors.torch import save_file
+
+    config.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
     tokenizer.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3, do_sample=False).save_pretrained(out_dir)

@@ -22,7 +22,7 @@ from qlorax.engine.console import (MetricsWriter, Progress, peak_rss_mib, refere
 from qlorax.engine.data import collate, global_target_tokens, prepare, rank_micro_batches
 from qlorax.engine.lm import autocast, held_out_loss, loss_sum
 from qlorax.engine.model import (attach_lora, linear_weight_bytes, load_base_model, load_tokenizer,
-                                 resolve_model_path, trainable_parameters)
+                                 resolve_model_path, trainable_parameters, unquantized_linear_layers)
 from qlorax.errors import Interrupted
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
@@ -39,7 +39,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
 
     paths = RunPaths(spec.run_dir)
     setup_logging(paths.log, distributed.env_world()[0], spec.quiet)
-    world = distributed.init(spec.parallel.backend, spec.parallel.preflight_timeout_s)
+    world = distributed.init(spec.parallel.backend, spec.parallel.preflight_timeout_s, spec.parallel.collective_timeout_s)
     t = spec.train
     topo = hardware.detect(spec.hardware.sysfs_root)
     precision, why = hardware.choose_precision(t.precision, topo)
@@ -71,6 +71,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
     # ---- model
     torch.manual_seed(spec.seed)   # identical base and LoRA init on every rank
     model = load_base_model(spec, model_path, precision)
+    unquantized = unquantized_linear_layers(model, spec)   # named in load_base_model's warning
     model = attach_lora(model, spec)
     params = trainable_parameters(model)
     for p in params:
@@ -78,8 +79,9 @@ def train(spec: RunSpec) -> dict[str, Any]:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weights = linear_weight_bytes(model)
-    log.info("weights: decoder linear layers %.1f MiB (%s), other %.1f MiB; %d trainable LoRA parameters",
-             weights["linear"] / 2**20, spec.quant.type if spec.quant.backend != "none" else precision,
+    log.info("weights: decoder linear layers %.1f MiB (%s, %d left unquantized), other %.1f MiB; "
+             "%d trainable LoRA parameters", weights["linear"] / 2**20,
+             spec.quant.type if spec.quant.backend != "none" else precision, len(unquantized),
              weights["other"] / 2**20, sum(p.numel() for p in params))
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay)
@@ -204,6 +206,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
                "final_eval_loss": eval_loss, "precision": precision, "precision_reason": why,
                "quant": f"{spec.quant.backend}/{spec.quant.type}", "world_size": world.size,
                "linear_weight_bytes": weights["linear"], "other_weight_bytes": weights["other"],
+               "unquantized_linear_layers": unquantized,
                "peak_rss_mib": round(peak_rss_mib(), 1), "data": data.stats,
                "tokens_per_s": _mean_rate(paths) if world.is_main else None,
                "checkpoint": str(paths.checkpoint(step))}

@@ -1,0 +1,273 @@
+#!/usr/bin/env python
+"""Training throughput and memory of qlorax's backends, interleaved in rounds, on this machine.
+
+    python benchmarks/bench.py            # full: TinyLlama-1.1B shape, batch 1 and 4, q/k/v and all-linear
+    python benchmarks/bench.py --quick    # < 3 minutes: 4 layers of that shape, batch 1, q/k/v
+    make bench / make bench-quick
+
+Each backend runs in its own process (so peak RSS covers the whole process, load included):
+NF4 (bitsandbytes, the default), bf16 LoRA (no quantization) and, when `.venv-bigdl` exists,
+the reference's ipex-llm sym_int4. After a warm-up step per process, steps run in rounds
+(A B C A B C ...) so that drift of the machine hits every backend alike. The same run measures
+the machine's bf16 matmul rate and reports model FLOPs utilisation (MFU).
+
+Writes benchmarks/results/bench-<time>.json and prints a table. Not a test: it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
+BACKENDS = {"nf4": ["quant=nf4"], "bf16": ["quant=none"], "sym_int4": ["quant=bigdl"]}
+TARGETS = {"qkv": ["lora=default"], "all-linear": ["lora=all_linear"]}
+BIGDL_PYTHON = REPO / ".venv-bigdl" / "bin" / "python"
+
+
+# ------------------------------------------------------------------ models
+def cache_dir() -> Path:
+    return Path(os.environ.get("QLORAX_CACHE", Path.home() / ".cache" / "qlorax")) / "bench"
+
+
+def build_model(layers: int) -> Path:
+    """TinyLlama-1.1B's shape with random weights (bf16), saved once to the cache."""
+    out = cache_dir() / f"tinyllama-shape-{layers}l"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlorax.engine.tiny import build_tokenizer
+
+    print(f"building the TinyLlama-1.1B-shaped model ({layers} layers, random weights) in {out} ...", flush=True)
+    config = LlamaConfig(**{**SHAPE_1B, "num_hidden_layers": layers}, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            torch.nn.init.ones_(param)
+        else:
+            torch.nn.init.normal_(param, std=0.02)
+    staging = out.with_suffix(".tmp")
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(staging)
+    staging.rename(out)
+    return out
+
+
+# ------------------------------------------------------------------ worker process
+def worker(config: dict) -> None:
+    """Load one backend, then run a training step per 'step' line on stdin."""
+    import resource
+
+    import torch
+
+    from qlorax import hardware
+    from qlorax.engine.lm import autocast, loss_sum
+    from qlorax.engine.model import attach_lora, linear_weight_bytes, load_base_model, trainable_parameters
+    from qlorax.spec import compose
+
+    started = time.perf_counter()
+    spec = compose([f"model.path={config['model']}", *BACKENDS[config["backend"]], *TARGETS[config["targets"]],
+                    "lora.dropout=0.05", f"train.micro_batch_size={config['batch']}", f"train.batch_size={config['batch']}",
+                    f"data.cutoff_len={config['seq']}"])
+    precision, _ = hardware.choose_precision("auto", hardware.detect())
+    model = attach_lora(load_base_model(spec, config["model"], precision), spec)
+    params = trainable_parameters(model)
+    for p in params:
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (config["batch"], config["seq"]), generator=generator)
+    mask = torch.ones_like(ids)
+    weights = linear_weight_bytes(model)
+    emit({"ready": True, "load_s": time.perf_counter() - started, "linear_bytes": weights["linear"],
+          "other_bytes": weights["other"], "lora_params": sum(p.numel() for p in params),
+          "threads": torch.get_num_threads(), "precision": precision})
+    model.train()
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t0 = time.perf_counter()
+        with autocast(precision):
+            summed, count = loss_sum(model, ids, mask, ids)
+        (summed / count).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        emit({"seconds": time.perf_counter() - t0, "loss": float(summed) / count})
+    emit({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def emit(record: dict) -> None:
+    print("BENCH " + json.dumps(record), flush=True)
+
+
+class Worker:
+    def __init__(self, python: str, config: dict):
+        self.config = config
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        self.log = tempfile.TemporaryFile(mode="w+")   # a pipe could fill up and block the worker
+        self.proc = subprocess.Popen([python, __file__, "--worker", json.dumps(config)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=REPO)
+        self.info = self.read()
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("BENCH "):
+                return json.loads(line[6:])
+        self.log.seek(0)
+        raise RuntimeError(f"{self.config['backend']} worker died: {self.log.read()[-3000:]}")
+
+    def step(self) -> dict:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        final = self.read()
+        self.proc.wait(timeout=60)
+        return final
+
+
+# ------------------------------------------------------------------ measurements
+def matmul_rate(seq_tokens: int, hidden: int, inter: int, seconds: float = 3.0) -> float:
+    """Sustained bf16 GEMM FLOP/s for the model's biggest projection at this token count."""
+    import torch
+
+    a = torch.randn(seq_tokens, hidden, dtype=torch.bfloat16)
+    b = torch.randn(hidden, inter, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * seq_tokens * hidden * inter * n / (time.perf_counter() - t0)
+
+
+def train_flops_per_token(shape: dict, seq: int, lora_params: int) -> float:
+    """Frozen base: forward (2N) + input gradients (2N), no weight gradients; LoRA: 6 per parameter."""
+    h, layers, inter, vocab = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    linear = layers * (h * h * 2 + 2 * h * kv + 3 * h * inter) + vocab * h
+    attention = layers * 2 * 2 * seq * h      # QK^T and AV per token, forward
+    return 2 * linear * 2 + attention * 3 + 6 * lora_params
+
+
+def run_config(model: Path, shape: dict, batch: int, targets: str, seq: int, rounds: int, backends: list[str]) -> dict:
+    workers = {}
+    for backend in backends:
+        python = str(BIGDL_PYTHON) if backend == "sym_int4" else sys.executable
+        print(f"  loading {backend} (batch {batch}, {targets}) ...", flush=True)
+        workers[backend] = Worker(python, {"model": str(model), "backend": backend, "batch": batch,
+                                           "targets": targets, "seq": seq})
+        workers[backend].step()   # warm-up
+    times = {b: [] for b in backends}
+    for r in range(rounds):
+        for backend in backends:   # A B C A B C ...
+            times[backend].append(workers[backend].step()["seconds"])
+    results = {}
+    for backend, w in workers.items():
+        final = w.close()
+        median = statistics.median(times[backend])
+        results[backend] = {"median_s_per_step": median, "tokens_per_s": batch * seq / median,
+                            "steps_s": times[backend], "peak_rss_mib": final["peak_rss_mib"], **w.info}
+        results[backend]["flops_per_token"] = train_flops_per_token(shape, seq, w.info["lora_params"])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 layers, batch 1, q/k/v, 2 rounds (< 3 minutes)")
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds per backend")
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batches", default=None, help="comma-separated micro-batch sizes (default 1,4)")
+    parser.add_argument("--targets", default=None, help="comma-separated: qkv,all-linear")
+    parser.add_argument("--backends", default=None, help="comma-separated: nf4,bf16,sym_int4")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(json.loads(args.worker))
+
+    layers = 4 if args.quick else SHAPE_1B["num_hidden_layers"]
+    rounds = args.rounds or (2 if args.quick else 3)
+    batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,4")).split(",")]
+    targets = (args.targets or ("qkv" if args.quick else "qkv,all-linear")).split(",")
+    backends = (args.backends or "nf4,bf16,sym_int4").split(",")
+    if "sym_int4" in backends and not BIGDL_PYTHON.exists():
+        print("sym_int4 (ipex-llm): skipped, .venv-bigdl is absent (make install-bigdl)", flush=True)
+        backends.remove("sym_int4")
+    shape = {**SHAPE_1B, "num_hidden_layers": layers}
+    started = time.perf_counter()
+    model = build_model(layers)
+    import torch
+
+    from qlorax import hardware
+
+    topo = hardware.detect()
+    rate = {b: matmul_rate(b * args.seq, shape["hidden_size"], shape["intermediate_size"]) for b in batches}
+    report = {"machine": hardware.describe(topo), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "commit": _commit(), "shape": shape, "seq": args.seq, "rounds": rounds, "matmul_flops": rate,
+              "results": []}
+    for batch in batches:
+        for target in targets:
+            results = run_config(model, shape, batch, target, args.seq, rounds, backends)
+            for backend, r in results.items():
+                r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / rate[batch]
+                r["vs_bf16_tokens"] = r["tokens_per_s"] / results["bf16"]["tokens_per_s"] if "bf16" in results else None
+                r["vs_bf16_rss"] = r["peak_rss_mib"] / results["bf16"]["peak_rss_mib"] if "bf16" in results else None
+                r["vs_sym_int4_tokens"] = (r["tokens_per_s"] / results["sym_int4"]["tokens_per_s"]
+                                           if "sym_int4" in results else None)
+                report["results"].append({"batch": batch, "targets": target, "backend": backend, **r})
+    report["wall_s"] = time.perf_counter() - started
+    out = REPO / "benchmarks" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"\nwrote {out} ({report['wall_s']:.0f} s)")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def print_table(report: dict) -> None:
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}x"
+
+    print(f"\n{report['machine']}\ntorch {report['torch']}, {report['threads']} threads, commit {report['commit']}; "
+          f"model: TinyLlama-1.1B shape, {report['shape']['num_hidden_layers']} layers, seq {report['seq']}, "
+          f"{report['rounds']} interleaved rounds")
+    for batch, rate in report["matmul_flops"].items():
+        print(f"bf16 matmul rate at {batch}x{report['seq']} tokens: {rate / 1e9:.0f} GFLOP/s")
+    header = (f"{'batch':>5} {'lora':<10} {'backend':<9} {'s/step':>8} {'tok/s':>8} {'peak RSS':>9} {'weights':>9} "
+              f"{'MFU':>6} {'tok/s vs bf16':>13} {'RSS vs bf16':>11} {'tok/s vs sym_int4':>17}")
+    print(header)
+    print("-" * len(header))
+    for r in report["results"]:
+        print(f"{r['batch']:>5} {r['targets']:<10} {r['backend']:<9} {r['median_s_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} "
+              f"{r['peak_rss_mib']:>6.0f}MiB {r['linear_bytes'] / 2**20:>6.0f}MiB {r['mfu'] * 100:>5.1f}% "
+              f"{ratio(r['vs_bf16_tokens']):>13} {ratio(r['vs_bf16_rss']):>11} {ratio(r['vs_sym_int4_tokens']):>17}")
+
+
+if __name__ == "__main__":
+    main()
