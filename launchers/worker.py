@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="run directory holding spec.yaml")
     parser.add_argument("--stages", default="train", help="comma-separated stages; later ones run on rank 0")
     args = parser.parse_args(argv)
+    from qlorax.hardware import apply_runtime_defaults
+
+    apply_runtime_defaults()   # started by mpirun or a pod, not through the CLI
     rank, world, local_rank = _rank_env()
     try:
         spec = load_spec(RunPaths(args.run_dir).spec)

@@ -23,6 +23,9 @@ HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qlorax.hardware import apply_runtime_defaults
+
+    apply_runtime_defaults()   # before anything imports torch; inherited by ranks and subprocesses
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)

@@ -182,6 +182,20 @@ def describe(topo: Topology) -> str:
             f"{topo.memory_total / gib:.1f} GiB available")
 
 
+# oneDNN keeps a compiled kernel (and its scratch memory) per input shape it has seen. Variable-
+# length batches create a new shape nearly every step, so with the defaults (1024 entries) RSS
+# grows for the whole run (stories260K: 800 -> 1,650 MiB over 200 steps); 64 keeps it flat at the
+# same speed. Applied with setdefault before torch loads, so a user's own setting wins.
+KERNEL_CACHE_ENV = {"DNNL_PRIMITIVE_CACHE_CAPACITY": "64", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64",
+                    "LRU_CACHE_CAPACITY": "64"}
+
+
+def apply_runtime_defaults() -> None:
+    """Set qlorax's CPU runtime defaults in this process's environment (before torch is imported)."""
+    for key, value in KERNEL_CACHE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def choose_precision(requested: str, topo: Topology) -> tuple[str, str]:
     """(dtype, reason): bf16 when asked or when the CPU computes bf16 natively, else fp32."""
     if requested == "bf16":

@@ -45,6 +45,14 @@ def test_loss_falls_over_the_reference_recipe(quotes_run):
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.2, summary
 
 
+def test_memory_stays_flat_while_training(quotes_run):
+    """Variable-length batches must not grow RSS step after step (oneDNN kernel caches are capped)."""
+    run_dir, _, _ = quotes_run
+    rss = [m["rss_mib"] for m in _metrics(run_dir)]
+    early, late = max(rss[20:40]), max(rss[-20:])
+    assert late < early * 1.15, (early, late)
+
+
 def test_metrics_have_the_reference_fields(quotes_run):
     run_dir, _, _ = quotes_run
     record = _metrics(run_dir)[-1]
