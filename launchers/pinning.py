@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from qlorax import hardware
 from qlorax.schema import RunSpec
@@ -20,7 +21,14 @@ def apply(spec: RunSpec, local_rank: int, workers: int) -> hardware.RankPlan:
     """Pin this process to its cores and set the thread variables; returns the plan applied."""
     plan = rank_plans(spec, workers)[local_rank]
     if spec.hardware.pin:
-        os.environ.update(plan.env())
+        env = plan.env()
+        if "torch" in sys.modules:
+            # torch's OpenMP runtime has read its variables already (transformers 4.37, used by the
+            # bigdl environment, imports torch with its logging utilities). Binding variables set now
+            # would only reach an OpenMP copy loaded later (sentencepiece's): it pins this thread to
+            # the first core, and torch's workers, started from it, share that core (30x slower).
+            env = {k: v for k, v in env.items() if k not in ("OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY")}
+        os.environ.update(env)
         if hasattr(os, "sched_setaffinity") and spec.hardware.sysfs_root == "/":
             try:
                 os.sched_setaffinity(0, plan.cpus)

@@ -128,3 +128,42 @@ def test_quant_type_and_double_quant_are_honoured(bf16_model_dir, overrides, qua
     for layer in layers:
         assert layer.weight.quant_state.quant_type == quant_type
         assert bool(layer.weight.quant_state.nested) is nested
+
+
+def _logits(model, ids):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(input_ids=ids).logits.float()
+
+
+def test_streaming_quantizer_matches_transformers_quantization(bf16_model_dir):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlorax.engine.model import keep_training_layout
+
+    spec = compose([f"model.path={bf16_model_dir}"])
+    streamed = load_base_model(spec, str(bf16_model_dir), "bf16")
+    reference = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.bfloat16, quantization_config=
+                                                     BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                        bnb_4bit_compute_dtype=torch.bfloat16))
+    keep_training_layout(reference)
+    a = streamed.model.layers[1].mlp.down_proj.weight
+    b = reference.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(a.data, b.data) and torch.equal(a.quant_state.absmax, b.quant_state.absmax)
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    assert torch.equal(_logits(streamed, ids), _logits(reference, ids))
+
+
+def test_prequantized_checkpoint_round_trip(bf16_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    saved = tmp_path / "nf4"
+    spec = compose([f"model.path={bf16_model_dir}", f"quant.prequantized_dir={saved}"])
+    first = load_base_model(spec, str(bf16_model_dir), "bf16")       # quantizes and saves
+    assert (saved / "config.json").is_file() and (saved / "model.safetensors").stat().st_size < (
+        bf16_model_dir / "model.safetensors").stat().st_size * 0.5
+    second = load_base_model(spec, str(bf16_model_dir), "bf16")      # loads the saved 4-bit weights
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    assert torch.equal(_logits(first, ids), _logits(second, ids))
+    assert isinstance(second.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    plain = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)   # plain transformers reads it too
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)

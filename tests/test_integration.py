@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ASSETS, REPO, run_cli
+from conftest import ASSETS, run_cli
 
 pytestmark = pytest.mark.integration
 STEPS = 200

@@ -138,6 +138,9 @@ def dequantize(model):
     # The model is a plain one now: drop transformers' bnb markers (they forbid dtype casts).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    for marker in ("bigdl_transformers_low_bit", "bigdl_disk_embedding"):   # ipex-llm's: "load me as 4-bit"
+        if hasattr(model.config, marker):
+            delattr(model.config, marker)
     for attr, plain in (("quantization_method", None), ("hf_quantizer", None), ("is_loaded_in_4bit", False)):
         if attr in model.__dict__:
             setattr(model, attr, plain)
@@ -154,4 +157,9 @@ def _dequantize_weight(layer):
         return F.dequantize_4bit(weight.data, weight.quant_state)
     if hasattr(layer, "dequantize"):
         return layer.dequantize()
+    if type(layer).__name__ == "LowBitLinear" and getattr(layer, "qtype", None) is not None:   # ipex-llm / bigdl-llm
+        import importlib
+
+        to_fp32 = importlib.import_module(type(layer).__module__).ggml_int4_convert_fp32
+        return to_fp32(weight.data, weight._shape, weight._shape[0] * weight._shape[1]).reshape(weight._shape)
     raise QloraxError(f"merge.base=dequantized: cannot dequantize a {type(layer).__name__} layer; use merge.base=original")

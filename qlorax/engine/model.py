@@ -6,7 +6,6 @@ its library lazily, and a missing library is reported with the command that inst
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 from pathlib import Path
@@ -45,20 +44,13 @@ def check_model_path(spec: RunSpec) -> str:
                           "point model.path at the folder that holds config.json and the weights")
     has_safetensors = any(local.glob("*.safetensors"))
     has_pickle = any(local.glob("*.bin")) or any(local.glob("*.pt"))
-    if not has_safetensors and not has_pickle and not _is_prequantized(local):
+    if not has_safetensors and not has_pickle:
         raise QloraxError(f"model.path: {local} holds no weights (*.safetensors); download or convert the model first")
     if not has_safetensors and has_pickle and not spec.model.allow_pickle:
         raise QloraxError(f"model.path: {local} only has pickle weights (*.bin), which can run arbitrary code when "
                           "loaded; convert them to safetensors, or allow them with model.allow_pickle=true "
                           "if you trust the source")
     return str(local.resolve())
-
-
-def _is_prequantized(local: Path) -> bool:
-    try:
-        return "quantization_config" in json.loads((local / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _hub_kwargs(spec: RunSpec) -> dict[str, Any]:
@@ -128,6 +120,7 @@ def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool
     model.config.use_cache = False
     if backend != "none":
         _detach_from_checkpoint_file(model)
+        _return_freed_memory()
         left = unquantized_linear_layers(model, spec)
         if left:
             shown = ", ".join(left[:12]) + (f" and {len(left) - 12} more" if len(left) > 12 else "")
@@ -135,6 +128,19 @@ def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool
             log.warning("quant: %s/%s left %d linear layer(s) unquantized in %s%s: %s", backend, spec.quant.type,
                         len(left), compute_dtype, f" ({why})" if why else "", shown)
     return model
+
+
+def _return_freed_memory() -> None:
+    """Give the bf16 temporaries freed while quantizing back to the OS (glibc keeps them otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _load_plain(spec: RunSpec, path: str, compute_dtype: str):
@@ -147,28 +153,38 @@ def _load_plain(spec: RunSpec, path: str, compute_dtype: str):
 
 def _load_bnb(spec: RunSpec, path: str, compute_dtype: str):
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except ImportError:
         raise QloraxError("quant.backend=bnb needs bitsandbytes: pip install 'bitsandbytes>=0.45' "
                           "(or train without quantization: quant=none)") from None
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qlorax.engine import stream4bit
+
     q = spec.quant
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
-                                bnb_4bit_compute_dtype=torch_dtype(compute_dtype),
-                                llm_int8_skip_modules=list(q.skip_modules))
-    source = path
-    if q.prequantized_dir and (Path(q.prequantized_dir) / "config.json").is_file():
-        source, config = q.prequantized_dir, None
-        log.info("loading the already-quantized checkpoint %s", source)
-    kwargs = {"quantization_config": config} if config is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(source, **dtype_kwarg(torch_dtype(compute_dtype)), device_map="cpu",
-                                                 use_safetensors=None if spec.model.allow_pickle else True,
-                                                 low_cpu_mem_usage=True, **kwargs, **_hub_kwargs(spec))
+    dtype = torch_dtype(compute_dtype)
+    settings = dict(quant_type=q.type, double_quant=q.double_quant, compute_dtype=dtype, skip_modules=list(q.skip_modules))
+    prequantized = Path(q.prequantized_dir) if q.prequantized_dir else None
+    model = None
+    if prequantized and stream4bit.is_prequantized(prequantized):
+        log.info("loading the already-quantized checkpoint %s", prequantized)
+        model = AutoModelForCausalLM.from_pretrained(prequantized, **dtype_kwarg(dtype), device_map="cpu",
+                                                     use_safetensors=True, low_cpu_mem_usage=True)
+    elif stream4bit.can_stream(path):
+        model = stream4bit.load_or_fail(path, trust_remote_code=spec.model.trust_remote_code, **settings)
+    if model is None:   # hub ids and checkpoints with renamed keys: transformers quantizes them
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
+                                    bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(q.skip_modules))
+        model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype), device_map="cpu", quantization_config=config,
+                                                     use_safetensors=None if spec.model.allow_pickle else True,
+                                                     low_cpu_mem_usage=True, **_hub_kwargs(spec))
     keep_training_layout(model)
-    if q.prequantized_dir and source == path:
-        save_prequantized(model, path, q.prequantized_dir)
+    if prequantized and not stream4bit.is_prequantized(prequantized):
+        from transformers import AutoTokenizer
+
+        stream4bit.save_quantized(model, prequantized, AutoTokenizer.from_pretrained(path), **settings)
+        log.info("saved the quantized checkpoint to %s: later runs with quant.prequantized_dir=%s skip quantizing",
+                 prequantized, prequantized)
     return model
 
 
@@ -223,17 +239,6 @@ def unquantized_linear_layers(model, spec: RunSpec) -> list[str]:
     return [name for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and m.weight.dtype.is_floating_point and "lora_" not in name
             and not any(skip in name for skip in spec.quant.skip_modules)]
-
-
-def save_prequantized(model, base_path: str, out_dir: str) -> None:
-    """Save a bnb 4-bit model so later runs load it without reading the bf16 checkpoint."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
-    log.info("saved the quantized checkpoint to %s (reuse it with quant.prequantized_dir=%s)", out, out)
 
 
 def _detach_from_checkpoint_file(model) -> None:
