@@ -3,6 +3,7 @@
 
     python benchmarks/bench.py            # full: TinyLlama-1.1B shape, batch 1 and 4, q/k/v and all-linear
     python benchmarks/bench.py --quick    # < 3 minutes: 4 layers of that shape, batch 1, q/k/v
+    python benchmarks/bench.py --scaling  # qlorax train: 2 ranks x 1 thread vs 1 rank x 2 threads
     make bench / make bench-quick
 
 Each backend runs in its own process (so peak RSS covers the whole process, load included):
@@ -200,10 +201,16 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="comma-separated micro-batch sizes (default 1,4)")
     parser.add_argument("--targets", default=None, help="comma-separated: qkv,all-linear")
     parser.add_argument("--backends", default=None, help="comma-separated: nf4,bf16,sym_int4")
+    parser.add_argument("--scaling", action="store_true",
+                        help="multi-process scaling through the real CLI: N ranks x 1 thread vs 1 rank x N threads")
+    parser.add_argument("--scaling-args", default="model=stories260k data=english_quotes",
+                        help="overrides for the --scaling runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.scaling:
+        return scaling(args.scaling_args.split(), rounds=args.rounds or 2)
 
     layers = 4 if args.quick else SHAPE_1B["num_hidden_layers"]
     rounds = args.rounds or (2 if args.quick else 3)
@@ -241,6 +248,41 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=1))
     print_table(report)
     print(f"\nwrote {out} ({report['wall_s']:.0f} s)")
+
+
+def scaling(overrides: list[str], rounds: int) -> None:
+    """tokens/s of `qlorax train` as N ranks x 1 thread and as 1 rank x N threads (N = usable CPUs), interleaved."""
+    import tempfile as tmp
+
+    from qlorax import hardware
+
+    cores = hardware.detect().physical_cores()
+    n = len(cores)
+    assets = Path(os.environ.get("QLORAX_ASSETS", REPO.parent / "shared" / "assets"))
+    common = [*overrides, "train.max_steps=40", "train.logging_steps=5", "train.eval_steps=1000", "train.save_steps=1000",
+              f"train.batch_size={4 * n}", "train.micro_batch_size=4", "data.cutoff_len=128", "quiet=true"]
+    if "data=english_quotes" in overrides:
+        common.append(f"data.path={assets / 'data/english_quotes.jsonl'}")
+    layouts = {f"1 rank x {n} threads": ["parallel=local", f"hardware.cores={cores}".replace(" ", "")],
+               f"{n} ranks x 1 thread": ["parallel=ccl", f"workers={n}"]}
+    rates: dict[str, list[float]] = {name: [] for name in layouts}
+    with tmp.TemporaryDirectory() as work:
+        for r in range(rounds):
+            for name, extra in layouts.items():   # A B A B ...
+                run_dir = Path(work) / f"{r}-{len(rates[name])}-{name.split()[0]}"
+                cmd = [sys.executable, "-m", "qlorax", "train", *common, *extra, f"run_dir={run_dir}"]
+                done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+                records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                steady = [m["tokens_per_s"] for m in records[1:]]   # the first window includes warm-up
+                rates[name].append(statistics.median(steady))
+    print(f"\nscaling on {hardware.describe(hardware.detect())}")
+    print(f"qlorax train {' '.join(common)}")
+    base = statistics.median(next(iter(rates.values())))
+    for name, values in rates.items():
+        med = statistics.median(values)
+        print(f"  {name:<22} {med:8.0f} tokens/s  ({med / base:.2f}x)  rounds: {', '.join(f'{v:.0f}' for v in values)}")
 
 
 def _commit() -> str:

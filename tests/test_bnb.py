@@ -138,14 +138,14 @@ def _logits(model, ids):
 def test_streaming_quantizer_matches_transformers_quantization(bf16_model_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlorax.engine.model import keep_training_layout
+    from qlorax.engine.model import prepare_bnb_cpu
 
     spec = compose([f"model.path={bf16_model_dir}"])
     streamed = load_base_model(spec, str(bf16_model_dir), "bf16")
     reference = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.bfloat16, quantization_config=
                                                      BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                         bnb_4bit_compute_dtype=torch.bfloat16))
-    keep_training_layout(reference)
+    prepare_bnb_cpu(reference)
     a = streamed.model.layers[1].mlp.down_proj.weight
     b = reference.model.layers[1].mlp.down_proj.weight
     assert torch.equal(a.data, b.data) and torch.equal(a.quant_state.absmax, b.quant_state.absmax)
@@ -167,3 +167,22 @@ def test_prequantized_checkpoint_round_trip(bf16_model_dir, tmp_path):
     assert isinstance(second.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     plain = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.bfloat16)   # plain transformers reads it too
     assert isinstance(plain.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.parametrize("shape,quant_type,double", [((512, 256), "nf4", False), ((256, 512), "fp4", False),
+                                                      ((384, 128), "nf4", True), ((64, 172), "nf4", False),
+                                                      ((100, 64), "fp4", False)])
+def test_threaded_dequantization_is_bit_identical(shape, quant_type, double):
+    import bitsandbytes.functional as F
+
+    from qlorax.engine import bnb_cpu
+
+    torch.manual_seed(0)
+    q, state = F.quantize_4bit(torch.randn(*shape, dtype=torch.bfloat16), blocksize=64, quant_type=quant_type,
+                               compress_statistics=double)
+    absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if double else state.absmax
+    serial = bnb_cpu.dequantize_rows(q, absmax, 64, quant_type, shape, torch.bfloat16, threads=1)
+    threaded = bnb_cpu.dequantize_rows(q, absmax, 64, quant_type, shape, torch.bfloat16, threads=4)
+    assert serial is not None and torch.equal(serial, threaded)
+    assert bnb_cpu.install()
+    assert torch.equal(F.dequantize_4bit(q, state), serial)   # the op bitsandbytes' layers call

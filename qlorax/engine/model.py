@@ -178,7 +178,7 @@ def _load_bnb(spec: RunSpec, path: str, compute_dtype: str):
         model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype), device_map="cpu", quantization_config=config,
                                                      use_safetensors=None if spec.model.allow_pickle else True,
                                                      low_cpu_mem_usage=True, **_hub_kwargs(spec))
-    keep_training_layout(model)
+    prepare_bnb_cpu(model)
     if prequantized and not stream4bit.is_prequantized(prequantized):
         from transformers import AutoTokenizer
 
@@ -188,19 +188,23 @@ def _load_bnb(spec: RunSpec, path: str, compute_dtype: str):
     return model
 
 
-def keep_training_layout(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+def prepare_bnb_cpu(model) -> None:
+    """Make bitsandbytes' 4-bit layers train correctly and fast on the CPU.
 
     Pitfall: a Linear4bit run in eval mode without gradients on an AVX512-BF16 CPU repacks
-    its weight in place; later training steps then use the repacked bytes as if they were
-    the original layout and get wrong adapter gradients (only a UserWarning). The same
-    kernel also rejects layers whose output size is not a multiple of its block.
+    its weight in place for an inference kernel; later training steps then use the repacked
+    bytes as if they were the original layout and get wrong adapter gradients (only a
+    UserWarning). The same kernel also rejects layers whose output size is not a multiple of
+    its block. Dequantization, done twice per weight per micro-batch, is spread over threads.
     """
     import bitsandbytes as bnb
+
+    from qlorax.engine import bnb_cpu
 
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+    bnb_cpu.install()
 
 
 def _load_bigdl(spec: RunSpec, path: str, compute_dtype: str):

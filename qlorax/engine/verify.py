@@ -13,7 +13,7 @@ from qlorax import hardware
 from qlorax.engine import checkpoint
 from qlorax.engine.data import prepare, render
 from qlorax.engine.lm import generate, held_out_loss, perplexity
-from qlorax.engine.model import dtype_kwarg, keep_training_layout, load_base_model, load_tokenizer, resolve_model_path
+from qlorax.engine.model import dtype_kwarg, prepare_bnb_cpu, load_base_model, load_tokenizer, resolve_model_path
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
 
@@ -71,7 +71,7 @@ def _load_tuned(spec: RunSpec, paths: RunPaths, model_path: str, precision: str)
                 bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(spec.quant.skip_modules))
         model = AutoModelForCausalLM.from_pretrained(paths.merged, **kwargs)
         if spec.verify.load_in_4bit:
-            keep_training_layout(model)
+            prepare_bnb_cpu(model)
         return model.eval(), f"{paths.merged}" + (" (loaded 4-bit)" if spec.verify.load_in_4bit else "")
     from peft import PeftModel
 
