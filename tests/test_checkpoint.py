@@ -18,7 +18,7 @@ class FakeAdapter:
     def __init__(self, payload: bytes = b"weights", fail: OSError | None = None):
         self.payload, self.fail = payload, fail
 
-    def save_pretrained(self, directory, safe_serialization=True):
+    def save_pretrained(self, directory, safe_serialization=True, **kwargs):
         if self.fail:
             raise self.fail
         Path(directory, "adapter_config.json").write_text("{}")

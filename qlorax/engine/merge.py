@@ -54,6 +54,7 @@ def merge(spec: RunSpec) -> dict[str, Any]:
     with torch.no_grad():
         reference = peft_model(input_ids=ids, attention_mask=mask).logits.float()
     merged = peft_model.merge_and_unload()
+    merged.config.use_cache = True   # training switched the KV cache off; generation wants it back
 
     paths.root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=paths.root))

@@ -151,7 +151,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
                 with autocast(precision):
                     summed, _ = loss_sum(model, ids, mask, labels)
                 (summed / target_tokens).backward()
-                step_loss += float(summed)
+                step_loss += float(summed.detach())
                 step_tokens += int(mask.sum())
             distributed.sum_gradients(params, world)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)) if t.max_grad_norm > 0 else 0.0
