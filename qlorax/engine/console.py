@@ -152,6 +152,11 @@ class Progress:
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, completed=start, info="")
 
+    @property
+    def live(self) -> bool:
+        """True while a progress bar is drawn (a terminal, not quiet)."""
+        return self._bar is not None
+
     def update(self, step: int, info: str) -> None:
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)

@@ -178,7 +178,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
                 metrics.write(record)
                 if world.is_main:
                     progress.print(reference_line(record["loss"], lr, epoch))
-                    if spec.quiet or progress._bar is None:
+                    if not progress.live:
                         eta = progress.eta_s(step)
                         log.info("step %d/%d  loss %.4f%s  %.0f tok/s  rss %.0f MiB  eta %s", step, total_steps,
                                  record["loss"], f"  eval_loss {eval_loss:.4f}" if do_eval and eval_loss is not None
