@@ -146,7 +146,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self._bar = RichProgress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+            self._bar = RichProgress(TextColumn("step {task.completed}/{task.total}"), BarColumn(bar_width=20),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                      TimeRemainingColumn(), transient=False)
             self._bar.start()

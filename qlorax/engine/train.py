@@ -184,7 +184,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
                                  record["loss"], f"  eval_loss {eval_loss:.4f}" if do_eval and eval_loss is not None
                                  else "", record["tokens_per_s"], record["rss_mib"], _fmt_eta(eta))
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
-            progress.update(step, f"loss {last_loss:.4f} lr {lr:.2e} rss {rss_mib():.0f}MiB")
+            progress.update(step, f"loss {last_loss:.4f} lr {lr:.2e} {step_tokens / max(elapsed, 1e-9):.0f} tok/s "
+                                  f"rss {rss_mib():.0f}MiB")
             if step % t.save_steps == 0 or step == total_steps:
                 save(step)
             if stop["signal"] is not None:
