@@ -125,6 +125,11 @@ class TrainConfig(_Freezable):
     save_steps: int = opt(100, help="checkpoint every N steps (and at the end)", ge=1)
     save_total_limit: int = opt(3, help="checkpoints kept; older ones are deleted", ge=1)
 
+    def micro_batch_for(self, workers: int) -> int:
+        """The micro-batch each rank runs: never more than its share of the global batch, which
+        is what the config promises (so `parallel=ccl workers=2` works with the recipe's batch of 4)."""
+        return max(1, min(self.micro_batch_size, self.batch_size // max(workers, 1)))
+
 
 @dataclass
 class ParallelConfig(_Freezable):

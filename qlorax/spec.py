@@ -182,12 +182,17 @@ def _cross_problems(spec: RunSpec) -> list[Problem]:
     """Rules that involve more than one field."""
     p: list[Problem] = []
     t, q, par = spec.train, spec.quant, spec.parallel
-    per_step = t.micro_batch_size * spec.workers
-    if t.batch_size % per_step:
-        p.append(Problem("train.batch_size", f"global batch {t.batch_size} is not a multiple of "
-                         f"micro_batch_size x workers = {t.micro_batch_size} x {spec.workers}",
-                         f"train.batch_size={max(per_step, t.batch_size // per_step * per_step)} or "
-                         f"train.micro_batch_size={_largest_divisor(t.batch_size // spec.workers) if t.batch_size % spec.workers == 0 else 1}"))
+    if t.batch_size % spec.workers:
+        p.append(Problem("train.batch_size", f"global batch {t.batch_size} does not split evenly over {spec.workers} workers",
+                         f"train.batch_size={(t.batch_size // spec.workers + 1) * spec.workers}"))
+    else:
+        per_rank = t.batch_size // spec.workers
+        micro = t.micro_batch_for(spec.workers)
+        if per_rank % micro:
+            p.append(Problem("train.batch_size", f"each rank's share of the global batch ({per_rank}) is not a multiple "
+                             f"of train.micro_batch_size={micro}",
+                             f"train.batch_size={max(micro, per_rank // micro * micro) * spec.workers} or "
+                             f"train.micro_batch_size={_largest_divisor(per_rank)}"))
     if t.max_steps == 0:
         p.append(Problem("train.max_steps", "0 steps trains nothing", "train.max_steps=200 (or -1 with train.epochs=N)"))
     if spec.workers > 1 and par.launcher == "local":

@@ -61,6 +61,12 @@ def test_workers_is_top_level():
     assert spec.workers == 2 and spec.parallel.launcher == "ccl"
 
 
+def test_parallel_ccl_workers_2_works_as_written_with_the_recipe_batch():
+    spec = compose(["parallel=ccl", "workers=2"])   # global batch 4, micro-batch 4
+    assert spec.train.batch_size == 4 and spec.train.micro_batch_for(2) == 2   # each rank runs its share
+    assert spec.train.micro_batch_for(1) == 4
+
+
 def _problems(overrides):
     with pytest.raises(ConfigError) as info:
         compose(overrides)

@@ -61,11 +61,12 @@ def train(spec: RunSpec) -> dict[str, Any]:
         data = prepare(spec, tokenizer, paths)   # reads the cache rank 0 just wrote
     n_train = len(data.train)
     global_batch = t.batch_size
-    accum = global_batch // (t.micro_batch_size * world.size)
+    micro = t.micro_batch_for(world.size)
+    accum = global_batch // (micro * world.size)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * n_train / global_batch))
     log.info("data: %s: %d train / %d eval examples, %d truncated to %d tokens; global batch %d = %d micro x %d "
              "accumulation x %d rank(s); %d steps (%.2f epochs)", spec.data.name, n_train, len(data.eval),
-             data.stats["truncated"], spec.data.cutoff_len, global_batch, t.micro_batch_size, accum, world.size,
+             data.stats["truncated"], spec.data.cutoff_len, global_batch, micro, accum, world.size,
              total_steps, total_steps * global_batch / n_train)
 
     # ---- model
@@ -113,7 +114,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
         if not data.eval:
             return None
         shard = data.eval[world.rank::world.size]
-        total, count = held_out_loss(model, shard, t.micro_batch_size, pad_id, precision,
+        total, count = held_out_loss(model, shard, micro, pad_id, precision,
                                      max(1, t.eval_max_batches // world.size))
         total, count = distributed.all_reduce_sum([total, count], world)
         return total / max(count, 1)
@@ -145,7 +146,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
             started = time.perf_counter()
             target_tokens = global_target_tokens(step, global_batch, data.train, spec.data.shuffle_seed)
             step_loss, step_tokens = 0.0, 0
-            for indices in rank_micro_batches(step, global_batch, t.micro_batch_size, world.rank, world.size,
+            for indices in rank_micro_batches(step, global_batch, micro, world.rank, world.size,
                                               n_train, spec.data.shuffle_seed):
                 ids, mask, labels = collate([data.train[i] for i in indices], pad_id)
                 with autocast(precision):
