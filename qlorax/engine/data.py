@@ -271,7 +271,6 @@ def _cache_key(cfg: DataConfig, source: str, tokenizer) -> str:
 # ---------------------------------------------------------------- batching
 def stream_index(position: int, n_train: int, seed: int) -> int:
     """The example at ``position`` of the endless, per-epoch reshuffled sample stream."""
-
     epoch, offset = divmod(position, n_train)
     return _permutation(n_train, seed + epoch)[offset]
 
