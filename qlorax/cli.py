@@ -74,6 +74,17 @@ def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+def _config_dirs(flags: list[str]) -> tuple[str, ...]:
+    """Folders given with Hydra's --config-dir / -cd: the user's own group options (e.g. mydata/data/x.yaml)."""
+    dirs = []
+    for i, flag in enumerate(flags):
+        if flag in ("--config-dir", "-cd") and i + 1 < len(flags):
+            dirs.append(flags[i + 1])
+        elif flag.startswith("--config-dir="):
+            dirs.append(flag.split("=", 1)[1])
+    return tuple(dirs)
+
+
 def _hydra_command(command: str, args: list[str]) -> int:
     """train / run: validate first (exit 2 with every problem), then hand over to Hydra's main."""
     from qlorax.spec import compose, force_dict_overrides
@@ -81,7 +92,7 @@ def _hydra_command(command: str, args: list[str]) -> int:
     flags, overrides = _split_flags(args)
     asks_help = any(f in ("--help", "-h", "--hydra-help") for f in flags)
     if not asks_help:
-        compose(overrides)   # raises ConfigError listing every problem; loads no model
+        compose(overrides, _config_dirs(flags))   # raises ConfigError listing every problem; loads no model
     multirun = any(f in ("-m", "--multirun") for f in flags)
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
     if run_dir:
@@ -221,7 +232,7 @@ def _plan(args: list[str]) -> int:
     import yaml
 
     flags, overrides = _split_flags(args)
-    spec = compose(overrides)
+    spec = compose(overrides, _config_dirs(flags))
     print("# resolved run spec")
     print(yaml.safe_dump(to_dict(spec), sort_keys=False).rstrip())
     print("\n# launch plan")

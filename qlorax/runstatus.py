@@ -13,7 +13,8 @@ from qlorax.paths import RunPaths
 
 def write(paths: RunPaths, state: str, stage: str, **extra) -> None:
     """Record the state (running / finished / failed / interrupted) of a stage, atomically."""
-    record = {"state": state, "stage": stage, "pid": os.getpid(), "host": os.uname().nodename,
+    kept = {k: v for k, v in read(paths).items() if k in ("step", "total_steps")}   # later stages keep train's
+    record = {**kept, "state": state, "stage": stage, "pid": os.getpid(), "host": os.uname().nodename,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
     paths.root.mkdir(parents=True, exist_ok=True)
     tmp = paths.status.with_suffix(".tmp")

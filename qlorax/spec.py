@@ -50,12 +50,12 @@ def force_dict_overrides(overrides: list[str]) -> list[str]:
     return [f"++{o}" if o.split("=", 1)[0] in DICT_KEYS else o for o in overrides]
 
 
-def group_options(group: str) -> list[str]:
-    """Names of the shipped YAML options of a config group."""
+def group_options(group: str, config_dirs: tuple[str, ...] = ()) -> list[str]:
+    """Names of the YAML options of a config group: shipped ones plus those in ``--config-dir`` folders."""
     from importlib import resources
 
-    folder = resources.files(CONFIG_MODULE) / group
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    folders = [resources.files(CONFIG_MODULE) / group] + [Path(d) / group for d in config_dirs]
+    return sorted({p.name[:-5] for f in folders if f.is_dir() for p in f.iterdir() if p.name.endswith(".yaml")})
 
 
 def _suggest(key: str, candidates: Iterable[str]) -> str:
@@ -64,7 +64,7 @@ def _suggest(key: str, candidates: Iterable[str]) -> str:
 
 
 # ---------------------------------------------------------------- override checks
-def check_overrides(overrides: list[str]) -> tuple[list[str], list[Problem]]:
+def check_overrides(overrides: list[str], config_dirs: tuple[str, ...] = ()) -> tuple[list[str], list[Problem]]:
     """Check each command-line override on its own against the schema.
 
     Returns the overrides that are fine (to compose with) and a problem for each that is
@@ -94,7 +94,7 @@ def check_overrides(overrides: list[str]) -> tuple[list[str], list[Problem]]:
                                     f"set it instead: {key}=<value>"))
             continue
         if key in GROUPS:
-            options = group_options(key)
+            options = group_options(key, config_dirs)
             values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
                 override.get_value_element_as_str()]
             bad = [v for v in values if v not in options]
@@ -304,14 +304,16 @@ def validate(spec: RunSpec) -> list[Problem]:
 
 
 # ---------------------------------------------------------------- composition
-def compose(overrides: list[str]) -> RunSpec:
-    """Compose the shipped configs with ``overrides`` into a validated, frozen spec."""
+def compose(overrides: list[str], config_dirs: tuple[str, ...] = ()) -> RunSpec:
+    """Compose the shipped configs (plus the user's ``config_dirs``) with ``overrides`` into a validated, frozen spec."""
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     register_configs()
-    good, problems = check_overrides(overrides)
+    good, problems = check_overrides(overrides, config_dirs)
     good = [_first_of_sweep(o) for o in good if not o.startswith("hydra")]
+    if config_dirs:
+        good.append("hydra.searchpath=[" + ",".join(f"file://{Path(d).resolve()}" for d in config_dirs) + "]")
     from hydra.errors import HydraException
 
     GlobalHydra.instance().clear()

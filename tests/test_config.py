@@ -191,3 +191,16 @@ def test_hydra_cfg_job_and_help():
 
 def test_unknown_command_suggests():
     assert_user_error(run_cli("trian"), "did you mean 'train'")
+
+
+def test_users_own_config_dir_adds_group_options(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "support.yaml").write_text(
+        'defaults:\n  - data_schema\nname: support\npath: rows.jsonl\nprompt: "Q: {question}\\nA: "\nresponse: "{answer}"\n')
+    spec = compose(["data=support"], (str(tmp_path),))
+    assert spec.data.name == "support" and spec.data.prompt == "Q: {question}\nA: "
+    with pytest.raises(ConfigError):
+        compose(["data=support"])   # not without the folder
+    result = run_cli("plan", "--config-dir", str(tmp_path), "data=support")
+    assert result.returncode == 0, result.stderr
+    assert "name: support" in result.stdout
