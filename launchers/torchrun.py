@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlorax.errors import QloraxError
+from qlorax.errors import Interrupted, QloraxError
 from qlorax.launchers import LaunchResult
 from qlorax.launchers.pinning import format_plans, rank_plans
 from qlorax.paths import RunPaths
@@ -74,6 +74,7 @@ def launch(spec: RunSpec) -> LaunchResult:
     process = subprocess.Popen(torchrun_command(spec, port), env=env, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     torchrun_err = []
+    interrupted = False
     try:
         for line in process.stderr:    # pass rank 0's log through; keep torchrun's report
             torchrun_err.append(line)
@@ -81,12 +82,16 @@ def launch(spec: RunSpec) -> LaunchResult:
                 sys.stderr.write(line)
         rc = process.wait()
     except KeyboardInterrupt:
+        interrupted = True
         os.killpg(process.pid, signal.SIGINT)   # ranks save a checkpoint at the step boundary
         rc = process.wait()
     finally:
         _kill_group(process.pid)
     if rc == 0:
         return LaunchResult(ok=True, message=f"{spec.workers} ranks finished")
+    if interrupted:
+        raise Interrupted(f"interrupted: the ranks stopped at a step boundary after saving a checkpoint; continue with "
+                          f"`qlorax train run_dir={paths.root} resume=auto`")
     rank = _failed_rank("".join(torchrun_err))
     raise QloraxError(_failure_message(rank, rc, logs))
 

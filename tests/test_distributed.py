@@ -140,3 +140,22 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         result = run_cli("train", "parallel=ccl", "workers=2", *COMMON, f"parallel.master_port={port}",
                          f"run_dir={tmp_path / 'r'}")
     assert_user_error(result, f"127.0.0.1:{port} is already in use", "parallel.master_port=0")
+
+
+def test_ctrl_c_stops_all_ranks_at_a_checkpoint(tmp_path):
+    run_dir = tmp_path / "interrupted"
+    args = [sys.executable, "-m", "qlorax", "train", "parallel=ccl", "workers=2", *COMMON, "train.max_steps=100000",
+            f"run_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)   # what Ctrl-C sends to the foreground process
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "resume=auto" in err and "Traceback" not in err
+    assert sorted(run_dir.glob("checkpoints/step-*/manifest.json")), "the ranks should save before stopping"
+    time.sleep(0.5)
+    assert _descendants_alive(str(run_dir)) == []
