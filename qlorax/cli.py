@@ -160,7 +160,7 @@ def prepare_run_dir(spec) -> None:
     from qlorax.memory import check_fits
     from qlorax.paths import RunPaths
     from qlorax.spec import identity_diff
-    from qlorax.specfile import load_spec, save_spec
+    from qlorax.specfile import load_spec, lookup, save_spec
 
     paths = RunPaths(spec.run_dir)
     check_inputs(spec)
@@ -169,7 +169,7 @@ def prepare_run_dir(spec) -> None:
         changed = identity_diff(old, spec)
         if changed:
             raise QloraxError(f"run_dir {paths.root} belongs to a different run: {', '.join(changed)} changed "
-                              f"(e.g. {changed[0]}: {_value(old, changed[0])!r} -> {_value(spec, changed[0])!r}); "
+                              f"(e.g. {changed[0]}: {lookup(old, changed[0])!r} -> {lookup(spec, changed[0])!r}); "
                               "use a new run_dir, or the original settings to resume it")
         if spec.resume == "never" and paths.checkpoint_dirs():
             raise QloraxError(f"run_dir {paths.root} already has checkpoints and resume=never: continue it with "
@@ -190,13 +190,6 @@ def check_inputs(spec) -> None:
         return   # fetched by the ranks themselves
     rows, source = read_rows(spec.data)
     check_fields(rows, spec.data, source)
-
-
-def _value(spec, dotted: str):
-    value = spec
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _stage_on_run_dir(command: str, args: list[str]) -> int:

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,3 +59,11 @@ class RunPaths:
             if match and child.is_dir():
                 found.append((int(match.group(1)), child))
         return sorted(found)
+
+
+def read_json(path: Path) -> dict:
+    """A run-directory JSON file, or {} when it is missing or cut short."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorax.paths import RunPaths
+from qlorax.paths import RunPaths, read_json
 
 
 def write(paths: RunPaths, state: str, stage: str, **extra) -> None:
@@ -37,10 +37,7 @@ def tracking(paths: RunPaths, stage: str, enabled: bool = True):
 
 
 def read(paths: RunPaths) -> dict:
-    try:
-        return json.loads(paths.status.read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(paths.status)
 
 
 def _alive(pid: int, host: str) -> bool:

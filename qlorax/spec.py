@@ -20,7 +20,7 @@ import yaml
 
 from qlorax.errors import ConfigError, Problem
 from qlorax.schema import GROUPS, RunSpec, register_configs
-from qlorax.specfile import to_dict
+from qlorax.specfile import lookup, to_dict
 
 CONFIG_MODULE = "qlorax.conf"
 CONFIG_NAME = "config"
@@ -156,9 +156,7 @@ def _type_name(annotation: Any) -> str:
 def _constraint_problems(spec: RunSpec) -> list[Problem]:
     problems = []
     for key, f in SCHEMA_KEYS.items():
-        value = spec
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = lookup(spec, key)
         meta = f.metadata
         if value is None:
             continue

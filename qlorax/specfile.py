@@ -32,6 +32,14 @@ def to_dict(spec: RunSpec) -> dict:
     return convert(spec)
 
 
+def lookup(spec: RunSpec, dotted: str) -> Any:
+    """The value of a dotted key (``lora.r``) of a spec."""
+    value: Any = spec
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def from_dict(data: dict, source: str = "spec.yaml") -> RunSpec:
     """Rebuild a frozen spec from its dict form, checking keys and types against the schema."""
     from omegaconf import OmegaConf

@@ -52,6 +52,21 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_quotes_recipe(tmp_path_factory, name: str, *overrides: str) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """`qlorax run` of the english_quotes recipe on stories260K in a fresh run directory.
+
+    Returns (run_dir, model_dir, result); skips when the shared assets are absent.
+    """
+    model, data = ASSETS / "models/stories260K-hf", ASSETS / "data/english_quotes.jsonl"
+    if not model.exists() or not data.exists():
+        pytest.skip(f"test assets absent under {ASSETS}: set QLORAX_ASSETS (.ci/run does)")
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    result = run_cli("run", "model=stories260k", f"model.path={model}", "data=english_quotes", f"data.path={data}",
+                     *overrides, f"run_dir={run_dir}", timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, model, result
+
+
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
     """Exit code, no traceback, and every needle in the message."""
     output = result.stdout + result.stderr

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from conftest import ASSETS, run_cli
+from conftest import run_cli, run_quotes_recipe
 
 STEPS = 40
 DOWN_PROJ = [f"model.layers.{i}.mlp.down_proj" for i in range(5)]   # stories260K: 172 inputs, not a multiple of 64
@@ -102,16 +102,9 @@ def test_tokenizer_falls_back_to_sentencepiece_when_tokenizers_cannot_parse(stor
 # ---------------------------------------------------------------- end to end (ipex-llm / bigdl-llm)
 @pytest.fixture(scope="module")
 def bigdl_run(tmp_path_factory):
-    model = ASSETS / "models/stories260K-hf"
-    data = ASSETS / "data/english_quotes.jsonl"
-    if not model.exists() or not data.exists():
-        pytest.skip(f"test assets absent under {ASSETS}: set QLORAX_ASSETS (.ci/run does)")
-    run_dir = tmp_path_factory.mktemp("bigdl") / "run"
-    result = run_cli("run", "model=stories260k", f"model.path={model}", "data=english_quotes", f"data.path={data}",
-                     "quant=bigdl", f"train.max_steps={STEPS}", "train.logging_steps=1", f"train.eval_steps={STEPS}",
-                     "data.cutoff_len=64", "verify.num_prompts=1", "verify.n_predict=8", f"run_dir={run_dir}",
-                     "quiet=true", timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir, _, result = run_quotes_recipe(tmp_path_factory, "bigdl", "quant=bigdl", f"train.max_steps={STEPS}",
+                                           "train.logging_steps=1", f"train.eval_steps={STEPS}", "data.cutoff_len=64",
+                                           "verify.num_prompts=1", "verify.n_predict=8", "quiet=true")
     return run_dir, result
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ASSETS, run_cli
+from conftest import run_cli, run_quotes_recipe
 
 pytestmark = pytest.mark.integration
 STEPS = 200
@@ -19,15 +19,9 @@ STEPS = 200
 
 @pytest.fixture(scope="module")
 def quotes_run(tmp_path_factory):
-    model = ASSETS / "models/stories260K-hf"
-    data = ASSETS / "data/english_quotes.jsonl"
-    if not model.exists() or not data.exists():
-        pytest.skip(f"test assets absent under {ASSETS}: set QLORAX_ASSETS (.ci/run does)")
-    run_dir = tmp_path_factory.mktemp("quotes") / "run"
-    result = run_cli("run", "model=stories260k", f"model.path={model}", "data=english_quotes", f"data.path={data}",
-                     f"train.max_steps={STEPS}", "train.logging_steps=1", "train.eval_steps=50", f"run_dir={run_dir}",
-                     "verify.num_prompts=2", "verify.n_predict=16", timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir, model, result = run_quotes_recipe(tmp_path_factory, "quotes", f"train.max_steps={STEPS}",
+                                               "train.logging_steps=1", "train.eval_steps=50", "verify.num_prompts=2",
+                                               "verify.n_predict=16")
     return run_dir, result, model
 
 

@@ -18,7 +18,7 @@ from qlorax.engine import checkpoint
 from qlorax.engine.data import collate, prepare
 from qlorax.engine.model import dtype_kwarg, load_base_model, load_tokenizer, resolve_model_path
 from qlorax.errors import QloraxError
-from qlorax.paths import RunPaths
+from qlorax.paths import RunPaths, read_json
 from qlorax.schema import RunSpec
 
 log = logging.getLogger("qlorax")
@@ -33,7 +33,7 @@ def merge(spec: RunSpec) -> dict[str, Any]:
     paths = RunPaths(spec.run_dir)
     step, adapter_dir = checkpoint.require_adapter(paths)
     adapter_sha = json.loads((adapter_dir / checkpoint.MANIFEST).read_text())["files"]["adapter_model.safetensors"]
-    done = _read_info(paths)
+    done = read_json(paths.merge_info)
     if done.get("adapter_sha256") == adapter_sha and done.get("base") == spec.merge.base and paths.merged.is_dir():
         log.info("merge: already merged adapter step %d into %s (%s base, max |logit diff| %.3g): nothing to do",
                  step, paths.merged, done["base"], done["max_logit_diff"])
@@ -86,13 +86,6 @@ def merge(spec: RunSpec) -> dict[str, Any]:
     log.info("merge: saved %s; max |logit diff| vs base+adapter on %d held-out examples: %.3g (tolerance %g)",
              paths.merged, len(samples), diff, spec.merge.tolerance)
     return info
-
-
-def _read_info(paths: RunPaths) -> dict:
-    try:
-        return json.loads(paths.merge_info.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _save_dtype(spec: RunSpec, model_path: str):

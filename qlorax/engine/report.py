@@ -1,21 +1,13 @@
 """report.md + loss.png: the run at a glance, built only from the run directory's files."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from qlorax.engine.console import read_metrics
-from qlorax.paths import RunPaths
+from qlorax.paths import RunPaths, read_json
 
 log = logging.getLogger("qlorax")
-
-
-def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def plot_losses(metrics: list[dict], out: Path) -> bool:
@@ -47,9 +39,9 @@ def plot_losses(metrics: list[dict], out: Path) -> bool:
 def write_report(paths: RunPaths) -> Path:
     """Write report.md (and loss.png) from metrics.jsonl, train_summary.json, merge_info.json, verify.json."""
     metrics = read_metrics(paths.metrics)
-    summary = _load(paths.train_summary)
-    merge = _load(paths.merge_info)
-    verify = _load(paths.verify)
+    summary = read_json(paths.train_summary)
+    merge = read_json(paths.merge_info)
+    verify = read_json(paths.verify)
     has_plot = plot_losses(metrics, paths.loss_plot)
 
     def num(x, fmt=".4f"):
