@@ -76,6 +76,7 @@ def worker(config: dict) -> None:
     import torch
 
     from qlorax import hardware
+    from qlorax.engine.lean import make_lean
     from qlorax.engine.lm import autocast, loss_sum
     from qlorax.engine.model import attach_lora, linear_weight_bytes, load_base_model, trainable_parameters
     from qlorax.spec import compose
@@ -89,6 +90,8 @@ def worker(config: dict) -> None:
     params = trainable_parameters(model)
     for p in params:
         p.data = p.data.float()
+    if spec.train.lean_kernels:
+        make_lean(model, autocast=precision == "bf16")
     optimizer = torch.optim.AdamW(params, lr=2e-4)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size

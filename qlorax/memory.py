@@ -107,13 +107,19 @@ def estimate(spec: RunSpec) -> Estimate:
     lora = lora_params * 16                  # fp32 weight + grad + two AdamW moments
     tokens = spec.train.micro_batch_size * spec.data.cutoff_len
     act = 2 if half else 4
-    per_layer_token = act * (10 * h + 4 * inter + 2 * kv * head_dim)   # saved inputs of linears, norms, MLP
+    if spec.train.lean_kernels:   # measured: 9 h + 2 inter per token per layer (engine/lean.py)
+        per_layer_token = act * (9 * h + 2 * inter + 2 * kv * head_dim)
+    else:                          # saved inputs of linears, fp32 norm inputs, the MLP's three products
+        per_layer_token = act * (10 * h + 4 * inter + 2 * kv * head_dim)
     attention = act * spec.train.micro_batch_size * heads * spec.data.cutoff_len ** 2 if not half else 0
     if spec.train.gradient_checkpointing:
         activations = layers * tokens * h * act + tokens * per_layer_token + attention
     else:
         activations = layers * (tokens * per_layer_token + attention)
-    logits = tokens * vocab * (act + 4 + 4)  # logits, fp32 copy, its gradient
+    if spec.train.lean_kernels:   # chunks of at most 2^21 fp32 logits and their softmax; the head's input gradient
+        logits = min(tokens * vocab, 2**21) * (4 + 4) + tokens * h * act
+    else:                          # logits, fp32 copy, its gradient
+        logits = tokens * vocab * (act + 4 + 4)
     return Estimate(weights, lora, activations, logits, RUNTIME_BYTES, available, ranks_here, source)
 
 

@@ -119,6 +119,8 @@ class TrainConfig(_Freezable):
     precision: str = opt("auto", help="compute dtype: auto picks bf16 when the CPU has AVX512-BF16 or AMX",
                          choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = opt(False, help="recompute activations in backward: less memory, ~30% slower")
+    lean_kernels: bool = opt(True, help="RMSNorm, gated-MLP and LoRA-dropout autograd functions that keep less for "
+                             "backward (same forward values); false runs the model's own modules")
     logging_steps: int = opt(20, help="log loss, learning rate and epoch every N steps", ge=1)
     eval_steps: int = opt(50, help="held-out loss every N steps (and at the end)", ge=1)
     eval_max_batches: int = opt(16, help="cap on eval micro-batches per evaluation", ge=1)

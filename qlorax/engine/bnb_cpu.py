@@ -9,12 +9,19 @@ This splits the weight's rows over a thread pool and calls the same kernel on ea
 Installed by overriding the CPU implementation of the ``bitsandbytes::dequantize_4bit`` op,
 which both the forward (``gemm_4bit``) and the backward path call. Cases the fast path does
 not cover fall back to bitsandbytes' generic implementation.
+
+``linear4bit_forward`` replaces ``Linear4bit.forward`` for training on the CPU: the same
+dequantize-then-matmul as bitsandbytes' ``MatMul4Bit`` (bit-identical results), but the
+dequantized weight goes into a per-thread scratch buffer reused by every layer of that shape.
+The weight only lives for one matmul, so a fresh 23 MB allocation per weight, twice per step,
+is pure churn: it fragments the heap (peak RSS) and costs Python and allocator time.
 """
 from __future__ import annotations
 
 import ctypes as ct
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("qlorax")
@@ -32,8 +39,11 @@ def _kernel(quant_type: str, dtype):
     return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{suffix}", None)
 
 
-def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtype, threads: int):
-    """Dequantize a [rows, cols] 4-bit weight with ``threads`` row slices; None when not applicable."""
+def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtype, threads: int, out=None):
+    """Dequantize a [rows, cols] 4-bit weight with ``threads`` row slices (into ``out`` when given).
+
+    Returns the dequantized weight, or None when the fast path does not apply.
+    """
     import torch
 
     if len(shape) != 2 or absmax.dtype != torch.float32:
@@ -45,7 +55,8 @@ def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtyp
     if cols % blocksize:
         threads = 1   # blocks straddle rows: one call over the whole weight, as bitsandbytes does
     packed = packed.view(torch.uint8).reshape(-1)
-    out = torch.empty((rows, cols), dtype=dtype)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=dtype)
     step = max(_MIN_ROWS_PER_THREAD, -(-rows // threads))
     slices = [(start, min(rows, start + step)) for start in range(0, rows, step)]
     a_ptr, m_ptr, o_ptr = packed.data_ptr(), absmax.data_ptr(), out.data_ptr()
@@ -107,3 +118,77 @@ def install() -> bool:
     _INSTALLED["done"] = True
     _INSTALLED["library"] = library   # keep the registration alive
     return True
+
+
+# ------------------------------------------------------------------ training forward/backward
+_SCRATCH = threading.local()
+
+
+def _scratch(shape, dtype):
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (tuple(shape), dtype)
+    if key not in buffers:
+        import torch
+
+        buffers[key] = torch.empty(key[0], dtype=dtype)
+    return buffers[key]
+
+
+def _dequantize_scratch(weight, state):
+    """The weight dequantized into this thread's scratch buffer for its shape: valid until the next call."""
+    import torch
+    from bitsandbytes import functional as F
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        absmax = absmax.float()
+    out = _scratch(state.shape, state.dtype)
+    done = dequantize_rows(weight, absmax, state.blocksize, state.quant_type, state.shape, state.dtype,
+                           torch.get_num_threads(), out=out)
+    if done is None:
+        F.dequantize_4bit(weight, state, out=out)
+    return out
+
+
+def _make_function():
+    import torch
+
+    class DequantLinear(torch.autograd.Function):
+        """y = x @ dequant(W).T + b; the frozen 4-bit weight gets no gradient, as in MatMul4Bit."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, state):
+            ctx.weight, ctx.state = weight, state
+            w = _dequantize_scratch(weight, state)
+            return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad_x = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                w = _dequantize_scratch(ctx.weight, ctx.state)
+                grad_x = torch.matmul(grad, w.to(grad.dtype))
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            return grad_x, None, grad_bias, None
+
+    return DequantLinear
+
+
+_FUNCTION: dict = {}
+
+
+def linear4bit_forward(module, x):
+    """``Linear4bit.forward`` through the scratch-buffer path; bitsandbytes' own forward elsewhere."""
+    state = getattr(module.weight, "quant_state", None)
+    if (x.device.type != "cpu" or state is None or len(state.shape) != 2 or x.shape[-1] != state.shape[1]
+            or getattr(state, "packing_format_for_cpu", False)):
+        return type(module).forward(module, x)
+    if "fn" not in _FUNCTION:
+        _FUNCTION["fn"] = _make_function()
+    compute = module.compute_dtype or x.dtype
+    bias = module.bias
+    if bias is not None and bias.dtype != compute:
+        bias = bias.to(compute)
+    return _FUNCTION["fn"].apply(x.to(compute), module.weight, bias, state).to(x.dtype)

@@ -5,6 +5,7 @@ import contextlib
 import math
 import time
 
+from qlorax.engine import lean
 from qlorax.engine.data import IGNORE_INDEX, Example, collate
 
 
@@ -21,6 +22,14 @@ def loss_sum(model, ids, mask, labels):
     """Summed next-token cross-entropy (computed in fp32) and the number of target tokens."""
     import torch
 
+    chunked = lean.chunked_head(model)
+    if chunked is not None:   # the same loss without materializing the batch's logits (train.lean_kernels)
+        decoder, head = chunked
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :]
+        shift_labels = labels[:, 1:]
+        loss = lean.head_loss_sum(hidden.reshape(-1, hidden.size(-1)), head.weight, shift_labels.reshape(-1),
+                                  IGNORE_INDEX)
+        return loss, int((shift_labels != IGNORE_INDEX).sum())
     logits = model(input_ids=ids, attention_mask=mask).logits
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]

@@ -20,6 +20,7 @@ from qlorax.engine import checkpoint, distributed
 from qlorax.engine.console import (MetricsWriter, Progress, peak_rss_mib, reference_line, rss_mib, setup_logging,
                                    truncate_metrics)
 from qlorax.engine.data import collate, global_target_tokens, prepare, rank_micro_batches
+from qlorax.engine.lean import make_lean
 from qlorax.engine.lm import autocast, held_out_loss, loss_sum
 from qlorax.engine.model import (attach_lora, linear_weight_bytes, load_base_model, load_tokenizer,
                                  resolve_model_path, trainable_parameters, unquantized_linear_layers)
@@ -77,6 +78,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
     params = trainable_parameters(model)
     for p in params:
         p.data = p.data.float()   # fp32 master copy of the adapter; the base stays 4-bit / bf16
+    if t.lean_kernels:
+        make_lean(model, autocast=precision == "bf16")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     weights = linear_weight_bytes(model)

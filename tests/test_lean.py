@@ -1,0 +1,191 @@
+"""Memory-lean training kernels: same forward values and gradients as the modules they replace, less kept."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from qlorax.engine import lean  # noqa: E402
+
+
+def _llama_config(**extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+
+
+def _grads(module, inputs, grad_out):
+    for t in inputs:
+        t.grad = None
+    out = module(*inputs)
+    out.backward(grad_out)
+    return out.detach(), [t.grad.clone() for t in inputs]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rmsnorm_matches_transformers(autocast):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    norm.weight.data = torch.randn(64, dtype=torch.bfloat16)
+    x = (torch.randn(2, 5, 64) * 3).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    results = []
+    for patched in (False, True):
+        if patched:
+            norm.forward = lean._bind(lean._rmsnorm_forward, norm)
+        x.grad = norm.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = norm(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad.float(), norm.weight.grad.float()))
+    (want, want_dx, want_dw), (got, got_dx, got_dw) = results
+    assert torch.equal(got, want)                                     # forward: bit-identical
+    assert torch.allclose(got_dx, want_dx, rtol=2e-2, atol=2e-2)
+    assert torch.allclose(got_dw, want_dw, rtol=2e-2, atol=5e-2)
+
+
+def test_gated_mlp_matches_transformers():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(_llama_config()).to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    params = [x, mlp.gate_proj.weight, mlp.up_proj.weight]
+    want, want_grads = _grads(lambda *_: mlp(x), params, g)
+    mlp.forward = lean._bind(lean._gated_mlp_forward, mlp)
+    got, got_grads = _grads(lambda *_: mlp(x), params, g)
+    assert torch.equal(got, want)
+    for a, b in zip(got_grads, want_grads):
+        assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2)
+
+
+def test_mask_dropout_keeps_a_byte_mask_and_drops_at_rate_p():
+    torch.manual_seed(0)
+    dropout = lean.mask_dropout(0.25)
+    x = torch.ones(400, 500, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = dropout(x)
+    assert [t.dtype for t in saved] == [torch.bool]
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, y.detach())            # d(x * mask * s)/dx = mask * s
+    dropout.eval()
+    assert dropout(x) is x
+    assert lean.mask_dropout(0.0).train()(x) is x
+
+
+def _tiny_peft_model(dropout: float, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_llama_config()).to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = (torch.randn(p.shape) * 0.05).float()
+    return model
+
+
+def _step(model, ids):
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _saved_bytes(model, ids) -> int:
+    seen: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss
+    return sum(seen.values())
+
+
+def test_make_lean_same_training_step_and_less_kept_for_backward():
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    plain = _tiny_peft_model(dropout=0.0)
+    patched = _tiny_peft_model(dropout=0.0)
+    counts = lean.make_lean(patched, autocast=True)
+    assert counts == {"rmsnorm": 5, "gated_mlp": 2, "lora_dropout": 0, "chunked_loss": 1}   # 2 layers x 2 norms + final
+    loss_a, grads_a = _step(plain, ids)
+    loss_b, grads_b = _step(patched, ids)
+    assert abs(loss_a - loss_b) < 1e-3
+    for name, grad in grads_a.items():
+        assert torch.allclose(grads_b[name], grad, rtol=5e-2, atol=2e-3), name
+
+    with_dropout, lean_dropout = _tiny_peft_model(dropout=0.1), _tiny_peft_model(dropout=0.1)
+    assert lean.make_lean(lean_dropout, autocast=True)["lora_dropout"] == 4
+    assert _saved_bytes(lean_dropout, ids) < 0.75 * _saved_bytes(with_dropout, ids)
+
+
+def test_lean_dropout_mask_is_replayed_by_gradient_checkpointing():
+    """Recomputation must draw the same mask, or checkpointed gradients would be wrong."""
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+    results = []
+    for checkpointing in (False, True):
+        model = _tiny_peft_model(dropout=0.3)
+        lean.make_lean(model, autocast=True)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(123)
+        results.append(_step(model, ids))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == loss_b
+    for name, grad in grads_a.items():
+        assert torch.allclose(grads_b[name], grad, rtol=1e-3, atol=1e-5), name
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_chunked_loss_matches_full_logits(monkeypatch, grad):
+    from qlorax.engine.data import IGNORE_INDEX
+    from qlorax.engine.lm import loss_sum
+
+    monkeypatch.setattr(lean, "HEAD_CHUNK_ELEMENTS", 300 * 7)   # 7 rows per chunk: several chunks, a ragged last
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, :10] = IGNORE_INDEX            # masked prompt tokens
+    labels[1, -5:] = IGNORE_INDEX            # padding
+    mask = torch.ones_like(ids)
+    results = []
+    for patched in (False, True):
+        model = _tiny_peft_model(dropout=0.0)
+        if patched:
+            lean.make_lean(model, autocast=True)
+            assert lean.chunked_head(model) is not None
+        model.train()
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            summed, count = loss_sum(model, ids, mask, labels)
+        grads = {}
+        if grad:
+            (summed / count).backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(summed), count, grads))
+    (want, want_count, want_grads), (got, got_count, got_grads) = results
+    assert got_count == want_count == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert abs(got - want) < 1e-3 * abs(want)
+    for name, g in want_grads.items():
+        assert torch.allclose(got_grads[name], g, rtol=5e-2, atol=2e-3), name
+
+
+def test_chunked_loss_keeps_the_models_own_head_when_it_is_trained():
+    model = _tiny_peft_model(dropout=0.0)
+    lean.make_lean(model, autocast=True)
+    model.get_base_model().lm_head.weight.requires_grad_(True)
+    assert lean.chunked_head(model) is None
