@@ -100,7 +100,8 @@ def worker(config: dict) -> None:
     weights = linear_weight_bytes(model)
     emit({"ready": True, "load_s": time.perf_counter() - started, "linear_bytes": weights["linear"],
           "other_bytes": weights["other"], "lora_params": sum(p.numel() for p in params),
-          "threads": torch.get_num_threads(), "precision": precision})
+          "threads": torch.get_num_threads(), "precision": precision,
+          "load_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     model.train()
     for line in sys.stdin:
         if line.strip() != "step":
@@ -109,10 +110,12 @@ def worker(config: dict) -> None:
         with autocast(precision):
             summed, count = loss_sum(model, ids, mask, ids)
         (summed / count).backward()
+        loss = float(summed) / count
+        del summed   # as train.py does: a spent graph kept through the next forward pins heap memory
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        emit({"seconds": time.perf_counter() - t0, "loss": float(summed) / count})
+        emit({"seconds": time.perf_counter() - t0, "loss": loss})
     emit({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 

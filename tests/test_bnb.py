@@ -191,20 +191,20 @@ def test_threaded_dequantization_is_bit_identical(shape, quant_type, double):
 
 @pytest.mark.parametrize("quant_type,double,bias", [("nf4", False, False), ("fp4", False, True), ("nf4", True, True)])
 def test_scratch_buffer_linear_is_bit_identical_to_bitsandbytes(quant_type, double, bias):
-    """qlorax's Linear4bit forward (dequantize into a reused buffer) = bitsandbytes' MatMul4Bit, values and grads."""
+    """qlorax's Linear4bit forward (dequantize into one reused buffer) = bitsandbytes' MatMul4Bit, values and grads."""
     from qlorax.engine import bnb_cpu
 
     torch.manual_seed(0)
     layers = []
-    for _ in range(2):   # two layers of one shape share the scratch buffer
-        layer = bnb.nn.Linear4bit(128, 192, bias=bias, compute_dtype=torch.bfloat16, quant_type=quant_type,
+    for n_in, n_out in ((128, 192), (192, 128), (128, 192)):   # every layer, of any shape, shares the buffer
+        layer = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.bfloat16, quant_type=quant_type,
                                   compress_statistics=double, quant_storage=torch.uint8)
-        layer.weight = bnb.nn.Params4bit(torch.randn(192, 128, dtype=torch.bfloat16) * 0.1, requires_grad=False,
+        layer.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in, dtype=torch.bfloat16) * 0.1, requires_grad=False,
                                          quant_type=quant_type, compress_statistics=double, quant_storage=torch.uint8)
         layer = layer.to("cpu")
         layer.support_avx512bf16_for_cpu = False
         if bias:
-            layer.bias.data = torch.randn(192, dtype=torch.bfloat16)
+            layer.bias.data = torch.randn(n_out, dtype=torch.bfloat16)
             layer.bias.requires_grad_(True)
         layers.append(layer)
     x = torch.randn(3, 7, 128, dtype=torch.bfloat16, requires_grad=True)
@@ -216,7 +216,7 @@ def test_scratch_buffer_linear_is_bit_identical_to_bitsandbytes(quant_type, doub
             if layer.bias is not None:
                 layer.bias.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = forward(layers[0], x) + 2 * forward(layers[1], x)
+            y = forward(layers[2], forward(layers[1], forward(layers[0], x))) + 2 * forward(layers[0], x)
         y.backward(g)
         return [y.detach(), x.grad.clone()] + [layer.bias.grad.clone() for layer in layers if layer.bias is not None]
 
@@ -224,6 +224,4 @@ def test_scratch_buffer_linear_is_bit_identical_to_bitsandbytes(quant_type, doub
     ours = run(bnb_cpu.linear4bit_forward)
     assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
     for got, want in zip(ours[2:], reference[2:]):   # bitsandbytes sums the bias gradient in two bf16 steps
-        assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    if bias:
-        assert torch.allclose(ours[2].float(), g.float().sum((0, 1)), rtol=1e-2, atol=1e-2)
+        assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2

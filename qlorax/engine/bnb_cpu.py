@@ -12,7 +12,7 @@ not cover fall back to bitsandbytes' generic implementation.
 
 ``linear4bit_forward`` replaces ``Linear4bit.forward`` for training on the CPU: the same
 dequantize-then-matmul as bitsandbytes' ``MatMul4Bit`` (bit-identical results), but the
-dequantized weight goes into a per-thread scratch buffer reused by every layer of that shape.
+dequantized weight goes into one per-thread scratch buffer, reused by every layer.
 The weight only lives for one matmul, so a fresh 23 MB allocation per weight, twice per step,
 is pure churn: it fragments the heap (peak RSS) and costs Python and allocator time.
 """
@@ -125,13 +125,15 @@ _SCRATCH = threading.local()
 
 
 def _scratch(shape, dtype):
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (tuple(shape), dtype)
-    if key not in buffers:
-        import torch
+    """A [rows, cols] view of this thread's one scratch buffer (grown to the largest weight seen)."""
+    import torch
 
-        buffers[key] = torch.empty(key[0], dtype=dtype)
-    return buffers[key]
+    numel = int(shape[0]) * int(shape[1])
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    if dtype not in buffers or buffers[dtype].numel() < numel:
+        buffers.pop(dtype, None)
+        buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffers[dtype][:numel].view(int(shape[0]), int(shape[1]))
 
 
 def _dequantize_scratch(weight, state):
