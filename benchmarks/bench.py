@@ -76,9 +76,9 @@ def worker(config: dict) -> None:
     import torch
 
     from qlorax import hardware
-    from qlorax.engine.lean import make_lean
     from qlorax.engine.lm import autocast, loss_sum
-    from qlorax.engine.model import attach_lora, linear_weight_bytes, load_base_model, trainable_parameters
+    from qlorax.engine.model import attach_lora, linear_weight_bytes, load_base_model
+    from qlorax.engine.train import prepare_for_training
     from qlorax.spec import compose
 
     started = time.perf_counter()
@@ -87,11 +87,7 @@ def worker(config: dict) -> None:
                     f"data.cutoff_len={config['seq']}"])
     precision, _ = hardware.choose_precision("auto", hardware.detect())
     model = attach_lora(load_base_model(spec, config["model"], precision), spec)
-    params = trainable_parameters(model)
-    for p in params:
-        p.data = p.data.float()
-    if spec.train.lean_kernels:
-        make_lean(model, autocast=precision == "bf16")
+    params = prepare_for_training(model, spec, precision)
     optimizer = torch.optim.AdamW(params, lr=2e-4)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size

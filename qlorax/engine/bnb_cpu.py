@@ -19,6 +19,7 @@ is pure churn: it fragments the heap (peak RSS) and costs Python and allocator t
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import logging
 import os
 import threading
@@ -131,7 +132,7 @@ def _scratch(shape, dtype):
     numel = int(shape[0]) * int(shape[1])
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     if dtype not in buffers or buffers[dtype].numel() < numel:
-        buffers.pop(dtype, None)
+        buffers.pop(dtype, None)   # free the smaller buffer before allocating its replacement
         buffers[dtype] = torch.empty(numel, dtype=dtype)
     return buffers[dtype][:numel].view(int(shape[0]), int(shape[1]))
 
@@ -153,7 +154,8 @@ def _dequantize_scratch(weight, state):
     return out
 
 
-def _make_function():
+@functools.cache   # made on first use: importing this module needs no torch
+def _dequant_linear():
     import torch
 
     class DequantLinear(torch.autograd.Function):
@@ -178,19 +180,14 @@ def _make_function():
     return DequantLinear
 
 
-_FUNCTION: dict = {}
-
-
 def linear4bit_forward(module, x):
     """``Linear4bit.forward`` through the scratch-buffer path; bitsandbytes' own forward elsewhere."""
     state = getattr(module.weight, "quant_state", None)
     if (x.device.type != "cpu" or state is None or len(state.shape) != 2 or x.shape[-1] != state.shape[1]
             or getattr(state, "packing_format_for_cpu", False)):
         return type(module).forward(module, x)
-    if "fn" not in _FUNCTION:
-        _FUNCTION["fn"] = _make_function()
     compute = module.compute_dtype or x.dtype
     bias = module.bias
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
-    return _FUNCTION["fn"].apply(x.to(compute), module.weight, bias, state).to(x.dtype)
+    return _dequant_linear().apply(x.to(compute), module.weight, bias, state).to(x.dtype)

@@ -21,6 +21,7 @@ anything else keeps the model's own code.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 log = logging.getLogger("qlorax")
@@ -35,7 +36,7 @@ def make_lean(model, autocast: bool) -> dict[str, int]:
     """Patch ``model`` (a peft model) for training; returns how many modules of each kind were patched."""
     import torch
 
-    counts = {"rmsnorm": 0, "gated_mlp": 0, "lora_dropout": 0}
+    counts = {"rmsnorm": 0, "gated_mlp": 0, "lora_dropout": 0, "chunked_loss": 0}
     for module in model.modules():
         name = type(module).__name__
         if name in RMSNORM_CLASSES and hasattr(module, "variance_epsilon"):
@@ -52,13 +53,18 @@ def make_lean(model, autocast: bool) -> dict[str, int]:
                 if type(dropout) is torch.nn.Dropout and dropout.p > 0:
                     dropouts[key] = mask_dropout(dropout.p)
                     counts["lora_dropout"] += 1
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = _causal_lm(model)
     if type(causal_lm).__name__ in PLAIN_HEAD_CLASSES:
         causal_lm.qlorax_chunked_loss = True
         counts["chunked_loss"] = 1
     log.info("lean kernels: %d RMSNorm, %d gated MLP, %d LoRA dropout module(s), chunked loss: %s",
-             counts["rmsnorm"], counts["gated_mlp"], counts["lora_dropout"], "yes" if "chunked_loss" in counts else "no")
+             counts["rmsnorm"], counts["gated_mlp"], counts["lora_dropout"], "yes" if counts["chunked_loss"] else "no")
     return counts
+
+
+def _causal_lm(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _bind(function, module):
@@ -75,9 +81,10 @@ def _is_silu(act) -> bool:
 
 # ------------------------------------------------------------------ RMSNorm
 def _rmsnorm_forward(self, hidden_states):
-    return _functions()["rmsnorm"].apply(hidden_states, self.weight, self.variance_epsilon)
+    return _rmsnorm_class().apply(hidden_states, self.weight, self.variance_epsilon)
 
 
+@functools.cache   # made on first use, so importing this module needs no torch
 def _rmsnorm_class():
     import torch
 
@@ -110,9 +117,10 @@ def _rmsnorm_class():
 
 # ------------------------------------------------------------------ gated MLP
 def _gated_mlp_forward(self, x):
-    return self.down_proj(_functions()["silu_mul"].apply(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(_silu_mul_class().apply(self.gate_proj(x), self.up_proj(x)))
 
 
+@functools.cache   # made on first use, so importing this module needs no torch
 def _silu_mul_class():
     import torch
 
@@ -138,6 +146,7 @@ def _silu_mul_class():
 
 
 # ------------------------------------------------------------------ LoRA dropout
+@functools.cache   # made on first use, so importing this module needs no torch
 def _dropout_class():
     import torch
 
@@ -166,6 +175,7 @@ def draw_keep_mask(shape, p: float):
     return bits >= round(p * 2 ** _RANDOM_BITS)
 
 
+@functools.cache   # made on first use, so importing this module needs no torch
 def _mask_dropout_class():
     import torch
 
@@ -175,7 +185,7 @@ def _mask_dropout_class():
         def forward(self, x):
             if not self.training or self.p == 0:
                 return x
-            return _functions()["dropout"].apply(x, self.p)
+            return _dropout_class().apply(x, self.p)
 
     return MaskDropout
 
@@ -185,7 +195,7 @@ def chunked_head(model):
     """(decoder, head) when ``model`` was patched for the chunked loss and its head is a plain frozen Linear."""
     import torch
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = _causal_lm(model)
     if not getattr(causal_lm, "qlorax_chunked_loss", False):
         return None
     head = causal_lm.get_output_embeddings()
@@ -196,9 +206,10 @@ def chunked_head(model):
 
 def head_loss_sum(hidden, weight, labels, ignore_index: int):
     """Summed cross-entropy of ``hidden @ weight.T`` against ``labels`` ([N, H], [V, H], [N]), in chunks."""
-    return _functions()["head_loss"].apply(hidden, weight, labels, ignore_index)
+    return _head_loss_class().apply(hidden, weight, labels, ignore_index)
 
 
+@functools.cache   # made on first use, so importing this module needs no torch
 def _head_loss_class():
     import torch
 
@@ -234,18 +245,6 @@ def _head_loss_class():
     return HeadLoss
 
 
-_CACHE: dict = {}
-
-
-def _functions() -> dict:
-    if "rmsnorm" not in _CACHE:
-        _CACHE.update(rmsnorm=_rmsnorm_class(), silu_mul=_silu_mul_class(), dropout=_dropout_class(),
-                      head_loss=_head_loss_class())
-    return _CACHE
-
-
 def mask_dropout(p: float):
-    """A MaskDropout module (its class is made on first use, so importing this module needs no torch)."""
-    if "mask_dropout" not in _CACHE:
-        _CACHE["mask_dropout"] = _mask_dropout_class()
-    return _CACHE["mask_dropout"](p)
+    """nn.Dropout(p) that keeps a 1-byte mask for backward."""
+    return _mask_dropout_class()(p)

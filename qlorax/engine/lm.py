@@ -22,20 +22,20 @@ def loss_sum(model, ids, mask, labels):
     """Summed next-token cross-entropy (computed in fp32) and the number of target tokens."""
     import torch
 
+    shift_labels = labels[:, 1:]
+    count = int((shift_labels != IGNORE_INDEX).sum())
     chunked = lean.chunked_head(model)
     if chunked is not None:   # the same loss without materializing the batch's logits (train.lean_kernels)
         decoder, head = chunked
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1, :]
-        shift_labels = labels[:, 1:]
         loss = lean.head_loss_sum(hidden.reshape(-1, hidden.size(-1)), head.weight, shift_labels.reshape(-1),
                                   IGNORE_INDEX)
-        return loss, int((shift_labels != IGNORE_INDEX).sum())
+        return loss, count
     logits = model(input_ids=ids, attention_mask=mask).logits
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+    return loss, count
 
 
 def held_out_loss(model, examples: list[Example], micro_batch: int, pad_id: int, precision: str,

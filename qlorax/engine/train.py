@@ -75,13 +75,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
     model = load_base_model(spec, model_path, precision)
     unquantized = unquantized_linear_layers(model, spec)   # named in load_base_model's warning
     model = attach_lora(model, spec)
-    params = trainable_parameters(model)
-    for p in params:
-        p.data = p.data.float()   # fp32 master copy of the adapter; the base stays 4-bit / bf16
-    if t.lean_kernels:
-        make_lean(model, autocast=precision == "bf16")
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = prepare_for_training(model, spec, precision)
     weights = linear_weight_bytes(model)
     log.info("weights: decoder linear layers %.1f MiB (%s, %d left unquantized), other %.1f MiB; "
              "%d trainable LoRA parameters", weights["linear"] / 2**20,
@@ -223,6 +217,18 @@ def train(spec: RunSpec) -> dict[str, Any]:
                  _fmt(initial_eval), _fmt(eval_loss), paths.checkpoint(step))
     distributed.shutdown(world)
     return summary
+
+
+def prepare_for_training(model, spec: RunSpec, precision: str) -> list:
+    """The LoRA model's trainable parameters, made ready as every training run has them (train and bench)."""
+    params = trainable_parameters(model)
+    for p in params:
+        p.data = p.data.float()   # fp32 master copy of the adapter; the base stays 4-bit / bf16
+    if spec.train.lean_kernels:
+        make_lean(model, autocast=precision == "bf16")
+    if spec.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return params
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
