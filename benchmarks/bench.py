@@ -77,7 +77,8 @@ def worker(config: dict) -> None:
 
     from qlorax import hardware
     from qlorax.engine.lm import autocast, loss_sum
-    from qlorax.engine.model import attach_lora, linear_weight_bytes, load_base_model
+    from qlorax.engine.model import attach_lora
+    from qlorax.engine.quant import linear_weight_bytes, load_base_model
     from qlorax.engine.train import prepare_for_training
     from qlorax.spec import compose
 

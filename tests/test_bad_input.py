@@ -187,8 +187,8 @@ def test_no_secret_reaches_spec_logs_or_metrics(tmp_path):
 
 
 def test_trust_remote_code_is_off_by_default():
-    from qlorax.engine.model import _hub_kwargs
+    from qlorax.engine.quant.common import hub_kwargs
     from qlorax.spec import compose
 
-    assert _hub_kwargs(compose([]))["trust_remote_code"] is False
-    assert _hub_kwargs(compose(["model.trust_remote_code=true"]))["trust_remote_code"] is True
+    assert hub_kwargs(compose([]))["trust_remote_code"] is False
+    assert hub_kwargs(compose(["model.trust_remote_code=true"]))["trust_remote_code"] is True

@@ -61,7 +61,7 @@ def test_bigdl_sym_int4_validates():
 
 def test_unquantized_layers_are_the_float_linear_ones_outside_skip_modules():
     torch = pytest.importorskip("torch")
-    from qlorax.engine.model import unquantized_linear_layers
+    from qlorax.engine.quant import unquantized_linear_layers
     from qlorax.spec import compose
 
     class Block(torch.nn.Module):

@@ -10,8 +10,8 @@ torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 
 from qlorax import hardware  # noqa: E402
-from qlorax.engine.merge import dequantize  # noqa: E402
-from qlorax.engine.model import attach_lora, linear_weight_bytes, load_base_model, load_tokenizer  # noqa: E402
+from qlorax.engine.quant import dequantize, linear_weight_bytes, load_base_model  # noqa: E402
+from qlorax.engine.model import attach_lora, load_tokenizer  # noqa: E402
 from qlorax.spec import compose  # noqa: E402
 
 
@@ -139,14 +139,14 @@ def _logits(model, ids):
 def test_streaming_quantizer_matches_transformers_quantization(bf16_model_dir):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlorax.engine.model import prepare_bnb_cpu
+    from qlorax.engine.quant.bnb import prepare_cpu
 
     spec = compose([f"model.path={bf16_model_dir}"])
     streamed = load_base_model(spec, str(bf16_model_dir), "bf16")
     reference = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.bfloat16, quantization_config=
                                                      BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                         bnb_4bit_compute_dtype=torch.bfloat16))
-    prepare_bnb_cpu(reference)
+    prepare_cpu(reference)
     a = streamed.model.layers[1].mlp.down_proj.weight
     b = reference.model.layers[1].mlp.down_proj.weight
     assert torch.equal(a.data, b.data) and torch.equal(a.quant_state.absmax, b.quant_state.absmax)
@@ -176,7 +176,7 @@ def test_prequantized_checkpoint_round_trip(bf16_model_dir, tmp_path):
 def test_threaded_dequantization_is_bit_identical(shape, quant_type, double):
     import bitsandbytes.functional as F
 
-    from qlorax.engine import bnb_cpu
+    from qlorax.engine.quant import bnb_cpu
 
     torch.manual_seed(0)
     q, state = F.quantize_4bit(torch.randn(*shape, dtype=torch.bfloat16), blocksize=64, quant_type=quant_type,
@@ -192,7 +192,7 @@ def test_threaded_dequantization_is_bit_identical(shape, quant_type, double):
 @pytest.mark.parametrize("quant_type,double,bias", [("nf4", False, False), ("fp4", False, True), ("nf4", True, True)])
 def test_scratch_buffer_linear_is_bit_identical_to_bitsandbytes(quant_type, double, bias):
     """qlorax's Linear4bit forward (dequantize into one reused buffer) = bitsandbytes' MatMul4Bit, values and grads."""
-    from qlorax.engine import bnb_cpu
+    from qlorax.engine.quant import bnb_cpu
 
     torch.manual_seed(0)
     layers = []

@@ -72,3 +72,61 @@ def test_launchers_import_under_qlorax_namespace():
     assert Path(qlorax.launchers.__file__).parent.name == "launchers"
     assert importlib.util.find_spec("launchers") is None or "site-packages" not in str(
         importlib.util.find_spec("launchers").origin), "launchers must not install as a top-level package"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the qlorax modules it imports (``from pkg import sub`` counts as importing ``pkg.sub``)."""
+    modules = dict(module_files())
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name.startswith("qlorax"))
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qlorax"):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    targets.add(sub if sub in modules else node.module)
+        graph[module] = {t for t in targets if t in modules and t != module}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Groups of modules that import each other, directly or through others (Tarjan's SCCs of size > 1)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_no_import_cycles():
+    """No pair (or ring) of modules imports each other, not even through a function-level import."""
+    assert import_cycles(module_graph()) == []
+
+
+def test_the_cycle_check_catches_a_ring():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

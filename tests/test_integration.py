@@ -79,7 +79,8 @@ def test_adapter_loads_in_plain_peft_and_matches_qlorax(quotes_run):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlorax.engine.checkpoint import load_adapter_weights
-    from qlorax.engine.model import attach_lora, load_base_model
+    from qlorax.engine.model import attach_lora
+    from qlorax.engine.quant import load_base_model
     from qlorax.specfile import load_spec
 
     run_dir, _, model_dir = quotes_run

@@ -16,7 +16,9 @@ from typing import Any
 
 from qlorax.engine import checkpoint
 from qlorax.engine.data import collate, prepare
-from qlorax.engine.model import dtype_kwarg, load_base_model, load_tokenizer, resolve_model_path
+from qlorax.engine.model import load_tokenizer, resolve_model_path
+from qlorax.engine.quant import dequantize, load_base_model
+from qlorax.engine.quant.common import dtype_kwarg
 from qlorax.errors import QloraxError
 from qlorax.paths import RunPaths, read_json
 from qlorax.schema import RunSpec
@@ -108,52 +110,3 @@ def _load_merge_base(spec: RunSpec, model_path: str):
         return load_base_model(spec, model_path, "fp32", quantize=False)
     model = load_base_model(spec, model_path, "fp32", quantize=True)
     return dequantize(model)
-
-
-def dequantize(model):
-    """Replace every 4-bit linear layer by a plain fp32 nn.Linear with its dequantized weight."""
-    import torch
-
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            weight = getattr(child, "weight", None)
-            if weight is None or not (hasattr(weight, "quant_state") or weight.dtype in (torch.uint8, torch.int8)):
-                continue
-            dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-            dense.weight.data = _dequantize_weight(child).float()
-            if child.bias is not None:
-                dense.bias.data = child.bias.data.float()
-            dense.requires_grad_(False)
-            setattr(module, child_name, dense)
-            replaced += 1
-    if replaced == 0:
-        raise QloraxError("merge.base=dequantized: the model has no 4-bit layers to dequantize; use merge.base=original")
-    # The model is a plain one now: drop transformers' bnb markers (they forbid dtype casts).
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    for marker in ("bigdl_transformers_low_bit", "bigdl_disk_embedding"):   # ipex-llm's: "load me as 4-bit"
-        if hasattr(model.config, marker):
-            delattr(model.config, marker)
-    for attr, plain in (("quantization_method", None), ("hf_quantizer", None), ("is_loaded_in_4bit", False)):
-        if attr in model.__dict__:
-            setattr(model, attr, plain)
-    for param in model.parameters():
-        param.data = param.data.float()
-    return model
-
-
-def _dequantize_weight(layer):
-    weight = layer.weight
-    if hasattr(weight, "quant_state"):
-        import bitsandbytes.functional as F
-
-        return F.dequantize_4bit(weight.data, weight.quant_state)
-    if hasattr(layer, "dequantize"):
-        return layer.dequantize()
-    if type(layer).__name__ == "LowBitLinear" and getattr(layer, "qtype", None) is not None:   # ipex-llm / bigdl-llm
-        import importlib
-
-        to_fp32 = importlib.import_module(type(layer).__module__).ggml_int4_convert_fp32
-        return to_fp32(weight.data, weight._shape, weight._shape[0] * weight._shape[1]).reshape(weight._shape)
-    raise QloraxError(f"merge.base=dequantized: cannot dequantize a {type(layer).__name__} layer; use merge.base=original")

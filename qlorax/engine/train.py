@@ -22,8 +22,8 @@ from qlorax.engine.console import (MetricsWriter, Progress, peak_rss_mib, refere
 from qlorax.engine.data import collate, global_target_tokens, prepare, rank_micro_batches
 from qlorax.engine.lean import make_lean
 from qlorax.engine.lm import autocast, held_out_loss, loss_sum
-from qlorax.engine.model import (attach_lora, linear_weight_bytes, load_base_model, load_tokenizer,
-                                 resolve_model_path, trainable_parameters, unquantized_linear_layers)
+from qlorax.engine.model import attach_lora, load_tokenizer, resolve_model_path, trainable_parameters
+from qlorax.engine.quant import linear_weight_bytes, load_base_model, unquantized_linear_layers
 from qlorax.errors import Interrupted
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec

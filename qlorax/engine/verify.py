@@ -13,7 +13,9 @@ from qlorax import hardware
 from qlorax.engine import checkpoint
 from qlorax.engine.data import prepare, render
 from qlorax.engine.lm import generate, held_out_loss, perplexity
-from qlorax.engine.model import dtype_kwarg, prepare_bnb_cpu, load_base_model, load_tokenizer, resolve_model_path
+from qlorax.engine.model import load_tokenizer, resolve_model_path
+from qlorax.engine.quant import load_base_model
+from qlorax.engine.quant.common import dtype_kwarg
 from qlorax.paths import RunPaths
 from qlorax.schema import RunSpec
 
@@ -71,7 +73,9 @@ def _load_tuned(spec: RunSpec, paths: RunPaths, model_path: str, precision: str)
                 bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(spec.quant.skip_modules))
         model = AutoModelForCausalLM.from_pretrained(paths.merged, **kwargs)
         if spec.verify.load_in_4bit:
-            prepare_bnb_cpu(model)
+            from qlorax.engine.quant.bnb import prepare_cpu
+
+            prepare_cpu(model)
         return model.eval(), f"{paths.merged}" + (" (loaded 4-bit)" if spec.verify.load_in_4bit else "")
     from peft import PeftModel
 

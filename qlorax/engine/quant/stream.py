@@ -1,13 +1,12 @@
-"""Quantize while loading: build the model on the meta device, then read the safetensors checkpoint
-one tensor at a time (plain reads, no mmap) and quantize each linear weight as it arrives.
+"""Quantize while loading, for every backend: build the model on the meta device, then read the safetensors
+checkpoint one tensor at a time (plain reads, no mmap) and quantize each linear weight as it arrives.
 
 Why: transformers' loader maps the whole bf16 checkpoint and touches every page before the
 4-bit weights exist, so the process peaks at bf16 size plus 4-bit size (1.1B shape: 4.1 GiB
 against 2.2 GiB of bf16 weights). Streaming keeps the peak at the 4-bit model plus the largest
 single tensor, so a 7B model never needs its bf16 size in RAM.
 
-Also saves and loads an already-quantized checkpoint (bitsandbytes' serialization, which plain
-transformers loads too), like the reference's ``save_low_bit`` / ``load_low_bit``.
+The backend supplies how a linear layer is replaced and how its weight is stored (``load_streaming``).
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import json
 import logging
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from qlorax.errors import QloraxError
 
@@ -69,25 +68,29 @@ def is_prequantized(local: Path) -> bool:
         return False
 
 
-def load_quantized(path: str, quant_type: str, double_quant: bool, compute_dtype, skip_modules: list[str],
+def load_streaming(path: str, compute_dtype, skip_modules: list[str], make_linear: Callable, set_weight: Callable,
                    trust_remote_code: bool = False):
-    """The causal LM at ``path`` with every decoder linear layer in bitsandbytes 4-bit, quantized while reading."""
-    import bitsandbytes as bnb
+    """The causal LM at ``path``, each decoder linear layer replaced and its weight set while reading.
+
+    ``make_linear(linear)`` builds the replacement of a meta-device ``nn.Linear`` (a 4-bit or int8 layer),
+    ``set_weight(layer, tensor)`` stores its weight from the checkpoint's tensor. Every other tensor is
+    kept in ``compute_dtype``. Raises ``_Unsupported`` when the checkpoint does not fit the model class.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from qlorax.engine.model import dtype_kwarg
+    from qlorax.engine.quant.common import dtype_kwarg
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **dtype_kwarg(compute_dtype))
+    replaced: set[str] = set()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             if type(child) is torch.nn.Linear and not any(full == s or full.endswith("." + s) for s in skip_modules):
-                setattr(parent, child_name, bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=compute_dtype,
-                    compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8, device="meta"))
+                setattr(parent, child_name, make_linear(child))
+                replaced.add(full)
     expected = set(model.state_dict().keys())
     for name, tensor in read_tensors(checkpoint_files(Path(path))):
         if name not in expected:
@@ -96,11 +99,8 @@ def load_quantized(path: str, quant_type: str, double_quant: bool, compute_dtype
             raise _Unsupported(f"checkpoint tensor {name} has no place in {type(model).__name__}")
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-            weight = bnb.nn.Params4bit(tensor.to(compute_dtype), requires_grad=False, blocksize=64,
-                                       compress_statistics=double_quant, quant_type=quant_type,
-                                       quant_storage=torch.uint8, module=module)
-            module.weight = weight._quantize("cpu")
+        if module_name in replaced and attr == "weight":
+            set_weight(module, tensor)
         elif attr in module._parameters:
             value = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor.clone()
             module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
@@ -113,8 +113,6 @@ def load_quantized(path: str, quant_type: str, double_quant: bool, compute_dtype
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise _Unsupported(f"{len(left)} tensor(s) missing from the checkpoint, e.g. {left[0]}")
-    # peft decides on its 4-bit LoRA layers from this flag (transformers sets it when it quantizes).
-    model.is_loaded_in_4bit = True
     return model
 
 
@@ -138,33 +136,10 @@ class _Unsupported(Exception):
     """This checkpoint needs transformers' own loader (renamed keys, custom layouts)."""
 
 
-def save_quantized(model, out_dir: Path, tokenizer, quant_type: str, double_quant: bool, compute_dtype,
-                   skip_modules: list[str]) -> None:
-    """Write the 4-bit model in bitsandbytes' serialization, loadable by transformers (and by qlorax)."""
-    from safetensors.torch import save_file
-    from transformers import BitsAndBytesConfig
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen and tensor.numel():
-            continue   # tied head/embeddings: saved once
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.contiguous()
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                      bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                                      llm_int8_skip_modules=list(skip_modules))
-    config = model.config.to_dict()
-    config["quantization_config"] = quantization.to_dict()
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    tokenizer.save_pretrained(out_dir)
-
-
-def load_or_fail(path: str, **kwargs):
-    """``load_quantized``, or None when the checkpoint needs transformers' loader instead."""
+def load_or_none(path: str, **kwargs):
+    """``load_streaming``, or None when the checkpoint needs transformers' loader instead."""
     try:
-        return load_quantized(path, **kwargs)
+        return load_streaming(path, **kwargs)
     except _Unsupported as exc:
         log.info("streaming 4-bit loader not applicable (%s); using transformers' loader", exc)
         return None

@@ -1,0 +1,119 @@
+"""Reading rows from json / jsonl / csv / parquet files, datasets directories and hub ids.
+
+Every reading error names the file (and line) and what to fix.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from importlib import resources
+from pathlib import Path
+
+from qlorax.errors import QloraxError
+from qlorax.schema import DataConfig
+
+
+def data_source(cfg: DataConfig) -> tuple[str, str]:
+    """(location, format) with 'builtin:sample' and 'auto' resolved."""
+    if cfg.path == "builtin:sample":
+        return str(resources.files("qlorax.assets") / "sample.jsonl"), "jsonl"
+    path = Path(cfg.path).expanduser()
+    fmt = cfg.format
+    if fmt == "auto":
+        if path.is_dir():
+            fmt = "disk"
+        elif path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet"):
+            fmt = path.suffix.lower()[1:]
+        elif not path.exists() and cfg.path.count("/") == 1 and not cfg.path.startswith((".", "/", "~")):
+            fmt = "hub"
+        else:
+            raise QloraxError(f"data.path: cannot tell the format of {cfg.path} "
+                              "(expected .json, .jsonl, .csv, .parquet, a datasets directory or a hub id); "
+                              "set data.format=json|jsonl|csv|parquet|disk|hub")
+    if fmt != "hub" and not path.exists():
+        raise QloraxError(f"data.path: {cfg.path} does not exist; give a local data file "
+                          "(json, jsonl, csv, parquet) or a hub id like Abirate/english_quotes")
+    return (cfg.path if fmt == "hub" else str(path.resolve())), fmt
+
+
+def read_rows(cfg: DataConfig) -> tuple[list[dict], str]:
+    source, fmt = data_source(cfg)
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
+              "disk": _read_datasets, "hub": _read_datasets}[fmt]
+    rows = reader(source, cfg)
+    if not rows:
+        raise QloraxError(f"data.path: {source} holds no rows; point data.path at a non-empty file")
+    if cfg.max_rows:
+        rows = rows[: cfg.max_rows]
+    return rows, source
+
+
+def _text(source: str) -> str:
+    raw = Path(source).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise QloraxError(f"data.path: {source} line {line}: bytes that are not UTF-8 at offset {exc.start} "
+                          f"({raw[exc.start:exc.start + 4]!r}); re-encode the file as UTF-8 "
+                          "(for example: iconv -f latin1 -t utf-8)") from None
+
+
+def _read_jsonl(source: str, cfg: DataConfig) -> list[dict]:
+    rows = []
+    for number, line in enumerate(_text(source).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise QloraxError(f"data.path: {source} line {number}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                              "fix that line (each line must be one JSON object)") from None
+        if not isinstance(row, dict):
+            raise QloraxError(f"data.path: {source} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_json(source: str, cfg: DataConfig) -> list[dict]:
+    text = _text(source)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("{") and "\n{" in text:
+            return _read_jsonl(source, cfg)   # JSON lines saved as .json
+        raise QloraxError(f"data.path: {source} line {exc.lineno}: invalid JSON ({exc.msg}); fix the file") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise QloraxError(f"data.path: {source} must hold a list of JSON objects (or a JSON-lines file)")
+    return data
+
+
+def _read_csv(source: str, cfg: DataConfig) -> list[dict]:
+    return [dict(row) for row in csv.DictReader(io.StringIO(_text(source)))]
+
+
+def _read_parquet(source: str, cfg: DataConfig) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise QloraxError("reading parquet needs pyarrow: pip install 'qlorax[parquet]'") from None
+    return pq.read_table(source).to_pylist()
+
+
+def _read_datasets(source: str, cfg: DataConfig) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise QloraxError(f"data.path: {source} is a datasets directory or hub id, which needs the datasets "
+                          "library: pip install 'qlorax[datasets]' (or export the data to a jsonl file)") from None
+    if Path(source).is_dir():
+        loaded = datasets.load_from_disk(source)
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded[cfg.split]
+    else:
+        loaded = datasets.load_dataset(source, split=cfg.split)
+    return list(loaded)
