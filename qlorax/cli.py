@@ -181,11 +181,11 @@ def prepare_run_dir(spec) -> None:
 def check_inputs(spec) -> None:
     """Model directory and data rows are checked here, once, before any rank or pod starts."""
     from qlorax.engine.data import check_fields, data_source, read_rows
-    from qlorax.engine.model import check_model_path
+    from qlorax.engine.model import check_model_path, check_vocab_fits
 
     if spec.parallel.launcher == "k8s":
         return   # paths refer to the cluster's volume, not to this machine
-    check_model_path(spec)
+    check_vocab_fits(check_model_path(spec))
     if data_source(spec.data)[1] == "hub":
         return   # fetched by the ranks themselves
     rows, source = read_rows(spec.data)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlorax import hardware
+from qlorax import families, hardware
 from qlorax.errors import QloraxError
 from qlorax.schema import RunSpec
 
@@ -86,24 +86,21 @@ def estimate(spec: RunSpec) -> Estimate:
     ranks_here = spec.workers if spec.parallel.launcher == "ccl" else 1
     if not shape:
         return Estimate(0, 0, 0, 0, RUNTIME_BYTES, available, ranks_here, source)
-    h = shape["hidden_size"]
-    layers = shape["num_hidden_layers"]
-    inter = shape.get("intermediate_size", 4 * h)
-    vocab = shape.get("vocab_size", 32000)
-    heads = shape.get("num_attention_heads", max(h // 128, 1))
-    kv = shape.get("num_key_value_heads", heads)
-    head_dim = shape.get("head_dim") or h // heads
-    dims = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
-            "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    try:
+        sizes = families.shape_of(shape)
+    except KeyError as exc:
+        raise QloraxError(f"model.path: cannot estimate memory: the {exc.args[0]} ({source}); give the size hints "
+                          "model.hidden_size=... model.num_layers=..., or hardware.check_memory=false") from None
+    h, layers, inter, vocab, heads = sizes.hidden, sizes.layers, sizes.intermediate, sizes.vocab, sizes.heads
+    kv, head_dim = sizes.kv_heads, sizes.head_dim
+    dims = families.module_dims(sizes)
     linear_params = layers * sum(i * o for i, o in dims.values())
     quantized = spec.quant.backend != "none"
     half = spec.train.precision != "fp32"
     bytes_per_linear = (0.5 + 4 / 64 * (0.25 if spec.quant.double_quant else 1)) if quantized else (2 if half else 4)
-    embed = vocab * h * (1 if shape.get("tie_word_embeddings") else 2) * (2 if half else 4)
+    embed = vocab * h * (1 if sizes.tied else 2) * (2 if half else 4)
     weights = int(linear_params * bytes_per_linear + embed)
-    targets = list(dims) if list(spec.lora.target_modules) == ["all-linear"] else [
-        t for t in spec.lora.target_modules if t in dims]
-    lora_params = layers * sum(spec.lora.r * (dims[t][0] + dims[t][1]) for t in targets)
+    lora_params = layers * sum(spec.lora.r * (i + o) for i, o in families.lora_dims(sizes, spec.lora.target_modules))
     lora = lora_params * 16                  # fp32 weight + grad + two AdamW moments
     tokens = spec.train.micro_batch_size * spec.data.cutoff_len
     act = 2 if half else 4

@@ -99,8 +99,16 @@ class LoraConfig(_Freezable):
     alpha: float = opt(32, help="LoRA scaling numerator (scale = alpha / r)", gt=0)
     dropout: float = opt(0.05, help="dropout on the LoRA input", ge=0, lt=1)
     bias: str = opt("none", help="which biases train", choices=("none", "all", "lora_only"))
-    target_modules: List[str] = opt(help="module names that get adapters, or [all-linear]",
-                                    factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    target_modules: List[str] = opt(help="module names that get adapters; [auto]: the model family's attention "
+                                         "q/k/v projections (q_proj,k_proj,v_proj on Llama, the fused qkv_proj / "
+                                         "query_key_value / c_attn elsewhere; qlorax/families.py); [all-linear]: every "
+                                         "linear layer but the head", factory=lambda: ["auto"])
+    use_dora: bool = opt(False, help="DoRA: train a per-output magnitude besides the low-rank direction (slower)")
+    use_rslora: bool = opt(False, help="rsLoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r")
+    init: str = opt("default", help="adapter initialisation: default (A Kaiming-uniform, B zero), gaussian (A normal), "
+                    "olora (QR of the base weight), pissa (its top singular vectors; needs quant=none: "
+                    "peft computes it on bf16/fp32 weights only)",
+                    choices=("default", "gaussian", "olora", "pissa"))
 
 
 @dataclass

@@ -225,10 +225,19 @@ def _cross_problems(spec: RunSpec) -> list[Problem]:
         p.append(Problem("quant.prequantized_dir", "pre-quantized checkpoints are supported for quant.backend=bnb",
                          "quant.prequantized_dir=null"))
     if len(spec.lora.target_modules) == 0:
-        p.append(Problem("lora.target_modules", "no target modules", "lora.target_modules=[q_proj,k_proj,v_proj]"))
-    if "all-linear" in spec.lora.target_modules and len(spec.lora.target_modules) > 1:
-        p.append(Problem("lora.target_modules", "all-linear cannot be combined with module names",
-                         "lora.target_modules=[all-linear]"))
+        p.append(Problem("lora.target_modules", "no target modules", "lora.target_modules=[auto]"))
+    for word in ("all-linear", "auto"):
+        if word in spec.lora.target_modules and len(spec.lora.target_modules) > 1:
+            p.append(Problem("lora.target_modules", f"{word} cannot be combined with module names",
+                             f"lora.target_modules=[{word}]"))
+    if spec.lora.init == "pissa" and q.backend != "none":
+        p.append(Problem("lora.init", "PiSSA splits the base weight by SVD, which peft only does on bf16/fp32 "
+                         f"weights, not on a {q.backend} 4-bit base", "quant=none (bf16 LoRA) or lora.init=olora"))
+    if (spec.lora.use_dora or spec.lora.init in ("olora", "pissa")) and q.backend == "bigdl":
+        p.append(Problem("lora.use_dora" if spec.lora.use_dora else "lora.init",
+                         "peft dequantizes only bitsandbytes 4-bit weights for DoRA / OLoRA; it would read "
+                         "ipex-llm's packed sym_int4 bytes as the weight",
+                         "quant=nf4 (bitsandbytes)"))
     d = spec.data
     for key, value in (("data.path", d.path), ("model.path", spec.model.path)):
         if not str(value).strip():

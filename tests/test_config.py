@@ -33,7 +33,9 @@ def test_every_shipped_option_composes(group, option, tmp_path):
 def test_reference_recipe_defaults():
     spec = compose(["data=english_quotes"])
     assert (spec.lora.r, spec.lora.alpha, spec.lora.dropout) == (8, 32, 0.05)
-    assert list(spec.lora.target_modules) == ["q_proj", "k_proj", "v_proj"]
+    assert list(spec.lora.target_modules) == ["auto"]   # the family's q/k/v: on Llama exactly the reference's
+    from qlorax.families import resolve_targets
+    assert resolve_targets(spec.lora.target_modules, "llama") == ["q_proj", "k_proj", "v_proj"]
     assert (spec.train.micro_batch_size, spec.train.learning_rate, spec.train.warmup_steps, spec.train.max_steps) == (
         4, 2e-4, 20, 200)
     assert spec.data.prompt + spec.data.response == "{quote} ->: {tags}"

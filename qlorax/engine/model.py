@@ -5,10 +5,12 @@ The base model itself is loaded by the quantization backend ``quant.backend`` ch
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from qlorax import families
 from qlorax.engine.quant.common import hub_kwargs
 from qlorax.errors import QloraxError
 from qlorax.schema import RunSpec
@@ -76,25 +78,80 @@ def load_tokenizer(spec: RunSpec, path: str):
         tokenizer.pad_token = substitute
         log.info("tokenizer has no pad token: padding with %r (padded positions are masked from the loss)", substitute)
     tokenizer.padding_side = "right"
+    check_vocab_fits(path, len(tokenizer))
     return tokenizer
+
+
+def check_vocab_fits(path: str, tokenizer_size: int | None = None) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding matrix (an IndexError mid-forward otherwise).
+
+    ``tokenizer_size`` defaults to what ``tokenizer.json`` holds, read without loading anything; a model
+    whose sizes cannot be read here (hub ids, no tokenizer.json) is checked once its tokenizer is loaded.
+    """
+    local = Path(path).expanduser()
+    try:
+        vocab = families.shape_of(json.loads((local / "config.json").read_text())).vocab_declared
+    except (OSError, ValueError, KeyError):
+        return
+    if tokenizer_size is None:
+        tokenizer_size = _tokenizer_json_size(local / "tokenizer.json")
+    if vocab is None or tokenizer_size is None or tokenizer_size <= vocab:
+        return
+    raise QloraxError(f"model.path: the tokenizer in {local} has {tokenizer_size} tokens but the model's embedding "
+                      f"has only {vocab} rows (config.json vocab_size): ids {vocab}..{tokenizer_size - 1} have no "
+                      "embedding; use the tokenizer that belongs to this model, or resize the model's embeddings "
+                      "to the tokenizer (model.resize_token_embeddings) and save it")
+
+
+def _tokenizer_json_size(file: Path) -> int | None:
+    """1 + the largest token id of a tokenizers-library file (vocabulary and added tokens), None when absent."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    vocab = (data.get("model") or {}).get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+    ids += [t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "id" in t]
+    return max(ids) + 1 if ids else None
 
 
 # ---------------------------------------------------------------- LoRA
 def attach_lora(model, spec: RunSpec):
+    """The peft model with LoRA adapters on ``lora.target_modules`` ([auto]: the family's, named in the log)."""
     from peft import LoraConfig, get_peft_model
 
-    targets: Any = list(spec.lora.target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                        bias=spec.lora.bias, target_modules=targets, task_type="CAUSAL_LM")
+    lora = spec.lora
+    targets: Any = lora_targets(model, spec)
+    log.info("lora: adapters on %s of %s (%s)%s", ",".join(targets) if isinstance(targets, list) else targets,
+             model.config.model_type, "the family's default, lora.target_modules=[auto]"
+             if list(lora.target_modules) == [families.AUTO] else "lora.target_modules",
+             "".join(f"; {flag}" for flag, on in (("DoRA", lora.use_dora), ("rsLoRA", lora.use_rslora),
+                                                  (f"init={lora.init}", lora.init != "default")) if on))
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias=lora.bias,
+                        target_modules=targets, task_type="CAUSAL_LM", use_dora=lora.use_dora,
+                        use_rslora=lora.use_rslora, init_lora_weights=INIT_LORA_WEIGHTS[lora.init])
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__.startswith("Linear")})
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                        if type(m).__name__.startswith("Linear") or type(m).__name__ == "Conv1D"})
         raise QloraxError(f"lora.target_modules: {str(exc).splitlines()[0]}; this model's linear layers are "
                           f"{names} (or use lora=all_linear)") from None
     return peft_model
+
+
+INIT_LORA_WEIGHTS = {"default": True, "gaussian": "gaussian", "olora": "olora", "pissa": "pissa"}
+
+
+def lora_targets(model, spec: RunSpec) -> Any:
+    """peft's target_modules for ``lora.target_modules`` on this model."""
+    model_type = getattr(model.config, "model_type", None)
+    try:
+        targets = families.resolve_targets(spec.lora.target_modules, model_type)
+    except KeyError:
+        raise QloraxError(f"lora.target_modules=[auto]: qlorax has no default targets for model type {model_type!r}; "
+                          "name them (lora.target_modules=[...]) or use lora=all_linear") from None
+    return families.ALL_LINEAR if targets == [families.ALL_LINEAR] else targets
 
 
 def trainable_parameters(model) -> list:

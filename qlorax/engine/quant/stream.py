@@ -85,10 +85,17 @@ def load_streaming(path: str, compute_dtype, skip_modules: list[str], make_linea
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **dtype_kwarg(compute_dtype))
     replaced: set[str] = set()
+    transposed: set[str] = set()   # GPT-2's Conv1D stores its weight as (in, out): quantized as a Linear's (out, in)
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is torch.nn.Linear and not any(full == s or full.endswith("." + s) for s in skip_modules):
+            if any(full == s or full.endswith("." + s) for s in skip_modules):
+                continue
+            if type(child).__name__ == "Conv1D" and child.weight.dim() == 2:
+                child = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1], bias=child.bias is not None,
+                                        device="meta")
+                transposed.add(full)
+            if type(child) is torch.nn.Linear:
                 setattr(parent, child_name, make_linear(child))
                 replaced.add(full)
     expected = set(model.state_dict().keys())
@@ -100,7 +107,7 @@ def load_streaming(path: str, compute_dtype, skip_modules: list[str], make_linea
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if module_name in replaced and attr == "weight":
-            set_weight(module, tensor)
+            set_weight(module, tensor.t().contiguous() if module_name in transposed else tensor)
         elif attr in module._parameters:
             value = tensor.to(compute_dtype) if tensor.is_floating_point() else tensor.clone()
             module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)

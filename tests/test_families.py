@@ -1,0 +1,125 @@
+"""Every model family qlorax supports trains, merges and verifies through the real CLI.
+
+Each family is a tiny random model built from its transformers config (2 layers, hidden 64) with
+the built-in byte-level tokenizer, saved to a temporary directory and run with `qlorax run`
+(train -> merge -> verify) under the default `lora=default` (targets [auto]) and 4-bit NF4 base.
+The module ends by printing the family table (family, train, merge parity, verify).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_user_error, run_cli
+
+FAST = ("data.max_rows=40", "data.val_set_size=8", "data.cutoff_len=48", "train.max_steps=5", "train.warmup_steps=0",
+        "train.learning_rate=3e-3", "train.logging_steps=1", "train.eval_steps=5", "train.eval_max_batches=1",
+        "train.save_steps=5", "merge.parity_samples=2", "verify.num_prompts=1", "verify.n_predict=4",
+        "verify.eval_batches=1", "quiet=true")
+SIZES = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, positions=128)
+
+# family -> (transformers config class, its keyword arguments, the modules lora=default must adapt)
+FAMILIES = {
+    "llama_untied": ("LlamaConfig", dict(tie_word_embeddings=False), {"q_proj", "k_proj", "v_proj"}),
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True), {"q_proj", "k_proj", "v_proj"}),
+    "mistral": ("MistralConfig", dict(sliding_window=None), {"q_proj", "k_proj", "v_proj"}),
+    "qwen2": ("Qwen2Config", dict(), {"q_proj", "k_proj", "v_proj"}),
+    "qwen3": ("Qwen3Config", dict(head_dim=16), {"q_proj", "k_proj", "v_proj"}),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=32),
+               {"q_proj", "k_proj", "v_proj"}),
+    "phi3": ("Phi3Config", dict(pad_token_id=3), {"qkv_proj"}),
+    "gpt_neox": ("GPTNeoXConfig", dict(), {"query_key_value"}),
+    "falcon": ("FalconConfig", dict(), {"query_key_value"}),
+    "opt": ("OPTConfig", dict(), {"q_proj", "k_proj", "v_proj"}),
+    "gpt2": ("GPT2Config", dict(), {"c_attn"}),
+}
+TABLE: dict[str, dict] = {}
+
+
+def family_config(class_name: str, extra: dict, vocab_size: int):
+    """A tiny config of the family, each size under the name that family's config uses."""
+    import transformers
+
+    s = SIZES
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2)
+    if class_name == "GPT2Config":
+        named = dict(n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"], n_inner=s["intermediate"],
+                     n_positions=s["positions"])
+    elif class_name == "OPTConfig":
+        named = dict(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                     ffn_dim=s["intermediate"], word_embed_proj_dim=s["hidden"], max_position_embeddings=s["positions"])
+    elif class_name == "FalconConfig":
+        named = dict(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                     max_position_embeddings=s["positions"])
+    elif class_name == "GPTNeoXConfig":
+        named = dict(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                     intermediate_size=s["intermediate"], max_position_embeddings=s["positions"])
+    else:
+        named = dict(hidden_size=s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                     num_key_value_heads=s["kv_heads"], intermediate_size=s["intermediate"],
+                     max_position_embeddings=s["positions"])
+    return getattr(transformers, class_name)(**common, **named, **extra)
+
+
+def build_family_model(out_dir: Path, class_name: str, extra: dict, vocab_size: int | None = None) -> Path:
+    """Save a tiny random model of the family with the built-in byte-level tokenizer into ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlorax.engine.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = family_config(class_name, extra, vocab_size or len(tokenizer))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def family_table():
+    yield TABLE
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_merges_and_verifies(family, tmp_path, family_table):
+    class_name, extra, expected_targets = FAMILIES[family]
+    model_dir = build_family_model(tmp_path / "model", class_name, extra)
+    run_dir = tmp_path / "run"
+    row = family_table.setdefault(family, {"train": "FAIL", "merge parity": "FAIL", "verify": "FAIL"})
+    result = run_cli("run", f"model.path={model_dir}", f"model.name={family}", *FAST, f"run_dir={run_dir}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+
+    adapter = json.loads((run_dir / "checkpoints" / "step-000005" / "adapter_config.json").read_text())
+    assert {t.rsplit(".", 1)[-1] for t in adapter["target_modules"]} == expected_targets
+    logged = next(line for line in output.splitlines() if "lora: adapters on " in line)
+    assert set(logged.split("lora: adapters on ")[1].split()[0].split(",")) == expected_targets, logged
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 5 and all(loss == loss for loss in losses), losses   # no NaN
+    row["train"] = f"ok ({losses[0]:.2f} -> {losses[-1]:.2f}, {','.join(sorted(expected_targets))})"
+
+    merge = json.loads((run_dir / "merged" / "merge_info.json").read_text())
+    assert merge["max_logit_diff"] <= merge["tolerance"]
+    row["merge parity"] = f"ok ({merge['max_logit_diff']:.1e})"
+
+    verify = json.loads((run_dir / "verify.json").read_text())
+    assert verify["generations"] if "generations" in verify else verify
+    row["verify"] = "ok"
+
+
+@pytest.mark.integration
+def test_family_table(family_table, capsys):
+    """Print the family table collected by the runs above (run them first: same module)."""
+    if not family_table:
+        pytest.skip("no family run in this session")
+    lines = ["| family | train (loss first -> last step, targets) | merge parity (max logit diff) | verify |",
+             "|---|---|---|---|"]
+    lines += [f"| {name} | {row['train']} | {row['merge parity']} | {row['verify']} |" for name, row in family_table.items()]
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert all(v.startswith("ok") for row in family_table.values() for v in row.values()), lines
