@@ -84,20 +84,28 @@ def family_table():
     yield TABLE
 
 
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory):
+    """One `qlorax run -m model.path=...` sweep over every family's tiny model (one process: a few seconds
+    of work per family instead of a Python start-up each); run directories <root>/0, /1, ... in order."""
+    root = tmp_path_factory.mktemp("families")
+    dirs = [build_family_model(root / "models" / name, *FAMILIES[name][:2]) for name in FAMILIES]
+    result = run_cli("run", "-m", "model.path=" + ",".join(str(d) for d in dirs), *FAST, f"run_dir={root / 'runs'}",
+                     timeout=1200)
+    return {name: root / "runs" / str(i) for i, name in enumerate(FAMILIES)}, result
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_trains_merges_and_verifies(family, tmp_path, family_table):
-    class_name, extra, expected_targets = FAMILIES[family]
-    model_dir = build_family_model(tmp_path / "model", class_name, extra)
-    run_dir = tmp_path / "run"
+def test_family_trains_merges_and_verifies(family, family_runs, family_table):
+    run_dirs, result = family_runs
+    run_dir, expected_targets = run_dirs[family], FAMILIES[family][2]
     row = family_table.setdefault(family, {"train": "FAIL", "merge parity": "FAIL", "verify": "FAIL"})
-    result = run_cli("run", f"model.path={model_dir}", f"model.name={family}", *FAST, f"run_dir={run_dir}")
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    assert (run_dir / "train_summary.json").is_file(), (result.stdout + result.stderr)[-4000:]
 
     adapter = json.loads((run_dir / "checkpoints" / "step-000005" / "adapter_config.json").read_text())
     assert {t.rsplit(".", 1)[-1] for t in adapter["target_modules"]} == expected_targets
-    logged = next(line for line in output.splitlines() if "lora: adapters on " in line)
+    logged = next(line for line in (run_dir / "train.log").read_text().splitlines() if "lora: adapters on " in line)
     assert set(logged.split("lora: adapters on ")[1].split()[0].split(",")) == expected_targets, logged
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 5 and all(loss == loss for loss in losses), losses   # no NaN
@@ -108,8 +116,9 @@ def test_family_trains_merges_and_verifies(family, tmp_path, family_table):
     row["merge parity"] = f"ok ({merge['max_logit_diff']:.1e})"
 
     verify = json.loads((run_dir / "verify.json").read_text())
-    assert verify["generations"] if "generations" in verify else verify
-    row["verify"] = "ok"
+    assert verify["generations"] and verify["tuned_eval_loss"] < verify["base_eval_loss"], verify
+    row["verify"] = f"ok (held-out loss {verify['base_eval_loss']:.3f} -> {verify['tuned_eval_loss']:.3f})"
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
 
 @pytest.mark.integration
@@ -123,3 +132,50 @@ def test_family_table(family_table, capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert all(v.startswith("ok") for row in family_table.values() for v in row.values()), lines
+
+
+# ------------------------------------------------------------------ LoRA variants
+VARIANT_SWEEPS = {   # one `qlorax run -m` per quantization: the swept keys' product, each merged and verified
+    "nf4": ("lora.use_rslora=true", "lora.use_dora=false,true", "lora.init=gaussian,olora"),
+    "none": ("quant=none", "lora.init=pissa"),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    runs = []
+    for name, overrides in VARIANT_SWEEPS.items():
+        result = run_cli("run", "-m", *overrides, *FAST, "train.eval_max_batches=2", "verify.eval_batches=2",
+                         f"run_dir={root / name}", timeout=900)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        runs += sorted((root / name).glob("[0-9]*"), key=lambda p: int(p.name))
+    return runs
+
+
+@pytest.mark.integration
+def test_lora_variants_merge_with_parity_and_keep_the_trained_loss(variant_runs):
+    """DoRA, rsLoRA, gaussian, OLoRA (on the 4-bit base) and PiSSA (bf16 base): the merged model matches
+    base+adapter, and its held-out loss is the one training ended with (OLoRA and PiSSA move part of
+    the base weight into the adapter: a merge that forgot to take it out again would not be)."""
+    import yaml
+
+    seen = set()
+    for run_dir in variant_runs:
+        lora = yaml.safe_load((run_dir / "spec.yaml").read_text())["lora"]
+        adapter = json.loads((run_dir / "checkpoints" / "step-000005" / "adapter_config.json").read_text())
+        assert (adapter["use_dora"], adapter["use_rslora"]) == (lora["use_dora"], lora["use_rslora"])
+        assert adapter["init_lora_weights"] == lora["init"]
+        merge = json.loads((run_dir / "merged" / "merge_info.json").read_text())
+        assert merge["max_logit_diff"] <= merge["tolerance"], (lora, merge)
+        trained = json.loads((run_dir / "train_summary.json").read_text())["final_eval_loss"]
+        verify = json.loads((run_dir / "verify.json").read_text())
+        assert abs(verify["tuned_eval_loss"] - trained) < 0.02, (lora, trained, verify["tuned_eval_loss"])
+        assert verify["tuned_eval_loss"] < verify["base_eval_loss"], (lora, verify)
+        seen.add((lora["use_dora"], lora["init"]))
+    assert seen == {(False, "gaussian"), (True, "gaussian"), (False, "olora"), (True, "olora"), (False, "pissa")}
+
+
+def test_pissa_on_a_4bit_base_is_refused_with_the_reason():
+    result = run_cli("train", "lora.init=pissa")
+    assert_user_error(result, "lora.init", "PiSSA", "4-bit", "quant=none")
