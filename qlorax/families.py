@@ -110,9 +110,9 @@ def shape_of(config: Mapping[str, Any]) -> Shape:
     if hidden is None or layers is None:
         raise KeyError(f"config of model type {model_type!r} names no {'hidden size' if hidden is None else 'layer count'}")
     heads = _read(config, family, "heads") or max(hidden // 128, 1)
-    kv_heads = _read(config, family, "kv_heads")
-    if kv_heads is None:   # Falcon's older configs: multi-query attention shares one key/value head
-        kv_heads = 1 if config.get("multi_query") and not config.get("new_decoder_architecture") else heads
+    kv_heads = _read(config, family, "kv_heads") or heads
+    if config.get("multi_query") and not config.get("new_decoder_architecture"):
+        kv_heads = 1   # Falcon's original layout: one key/value head, whatever num_kv_heads says
     modules = family.modules if family else LLAMA_MODULES
     tied = config.get("tie_word_embeddings")
     return Shape(model_type=model_type, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,

@@ -179,3 +179,49 @@ def test_lora_variants_merge_with_parity_and_keep_the_trained_loss(variant_runs)
 def test_pissa_on_a_4bit_base_is_refused_with_the_reason():
     result = run_cli("train", "lora.init=pissa")
     assert_user_error(result, "lora.init", "PiSSA", "4-bit", "quant=none")
+
+
+# ------------------------------------------------------------------ one table for planner and attachment
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_planner_reads_every_family_config(family):
+    """The memory planner's view of each family (from config.json names alone) counts exactly the linear
+    weights the real model has, and exactly the LoRA parameters peft creates for lora.target_modules=[auto]."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlorax import families
+    from qlorax.engine.tiny import build_tokenizer
+
+    class_name, extra, expected_targets = FAMILIES[family]
+    config = family_config(class_name, extra, len(build_tokenizer()))
+    shape = families.shape_of(config.to_dict())
+    model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D") and m is not head)
+    assert linear == shape.layers * sum(i * o for i, o in families.module_dims(shape).values())
+    assert shape.tied == bool(model.config.tie_word_embeddings) and shape.vocab == len(build_tokenizer())
+
+    targets = families.resolve_targets(["auto"], config.model_type)
+    assert set(targets) == expected_targets
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    lora = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert lora == shape.layers * sum(4 * (i + o) for i, o in families.lora_dims(shape, ["auto"]))
+
+
+def test_unknown_family_falls_back_to_peft_mapping_or_asks_for_targets():
+    from qlorax import families
+
+    assert families.default_targets("bloom") == ["query_key_value"]   # peft's mapping
+    with pytest.raises(KeyError):
+        families.default_targets("no_such_model_type")
+
+
+@pytest.mark.integration
+def test_tokenizer_larger_than_the_embedding_is_refused_before_training(tmp_path):
+    """260 byte-level tokens against a 200-row embedding: ids 200..259 would raise IndexError mid-forward."""
+    model_dir = build_family_model(tmp_path / "model", "LlamaConfig", {}, vocab_size=200)
+    result = run_cli("train", f"model.path={model_dir}", *FAST, f"run_dir={tmp_path / 'run'}")
+    assert_user_error(result, "260 tokens", "only 200 rows", "model.path")
+    assert not (tmp_path / "run" / "checkpoints").exists()
