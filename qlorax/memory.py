@@ -65,11 +65,12 @@ def model_shape(spec: RunSpec) -> tuple[dict, str]:
         except ValueError:
             pass
     if m.hidden_size and m.num_layers:
-        h = m.hidden_size
-        per_layer = (m.params_b or 0) * 1e9 / m.num_layers if m.params_b else 12 * h * h
+        h, vocab = m.hidden_size, m.vocab_size or 32000
+        # The layers hold what the embedding and head (counted as untied, as the estimate does) leave.
+        per_layer = max(m.params_b * 1e9 - 2 * vocab * h, 0) / m.num_layers if m.params_b else 12 * h * h
         inter = max(int((per_layer - 4 * h * h) / (3 * h)), h)
         return {"hidden_size": h, "num_hidden_layers": m.num_layers, "intermediate_size": inter,
-                "vocab_size": m.vocab_size or 32000, "num_attention_heads": max(h // 128, 1),
+                "vocab_size": vocab, "num_attention_heads": max(h // 128, 1),
                 "num_key_value_heads": max(h // 128, 1)}, "size hints in the model config"
     return {}, "unknown (no local config.json and no size hints)"
 

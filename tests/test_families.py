@@ -225,3 +225,31 @@ def test_tokenizer_larger_than_the_embedding_is_refused_before_training(tmp_path
     result = run_cli("train", f"model.path={model_dir}", *FAST, f"run_dir={tmp_path / 'run'}")
     assert_user_error(result, "260 tokens", "only 200 rows", "model.path")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------ shipped model options
+def _hub_model_options() -> list[str]:
+    from qlorax.spec import group_options
+
+    return [o for o in group_options("model") if o not in ("tiny", "stories260k")]
+
+
+@pytest.mark.parametrize("option", _hub_model_options())
+def test_shipped_model_option_plans_offline_from_its_size_hints(option):
+    """Each hub model option composes and its size hints alone give the memory planner the model's size:
+    bf16 weights within 3% of 2 bytes x the parameter count, NF4 less (embeddings stay bf16)."""
+    from qlorax.memory import estimate
+    from qlorax.spec import compose
+
+    bf16 = estimate(compose([f"model={option}", "quant=none", "train.precision=bf16"]))
+    nf4 = estimate(compose([f"model={option}", "train.precision=bf16"]))
+    spec = compose([f"model={option}"])
+    assert "/" in spec.model.path and bf16.shape_source == "size hints in the model config"
+    assert bf16.weights == pytest.approx(spec.model.params_b * 1e9 * 2, rel=0.03)
+    assert nf4.weights < 0.75 * bf16.weights and nf4.lora > 0 and nf4.total > nf4.weights
+
+
+def test_plan_of_an_instruct_model_works_offline(tmp_path):
+    result = run_cli("plan", "model=phi3_mini_instruct", "data=alpaca", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "microsoft/Phi-3-mini-4k-instruct" in result.stdout and "size hints in the model config" in result.stdout
