@@ -253,3 +253,37 @@ def test_plan_of_an_instruct_model_works_offline(tmp_path):
     result = run_cli("plan", "model=phi3_mini_instruct", "data=alpaca", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "microsoft/Phi-3-mini-4k-instruct" in result.stdout and "size hints in the model config" in result.stdout
+
+
+def test_gpt2_conv1d_layers_are_quantized_while_streaming(tmp_path):
+    """GPT-2 keeps its projections in Conv1D (weight stored in x out): they become 4-bit layers too,
+    holding the transposed weight, instead of staying bf16 unnoticed."""
+    import bitsandbytes as bnb
+    import torch
+    from safetensors.torch import load_file
+
+    from qlorax.engine.quant import bnb as bnb_backend
+    from qlorax.engine.quant import load_base_model
+    from qlorax.spec import compose
+
+    model_dir = build_family_model(tmp_path / "gpt2", "GPT2Config", {})
+    original = load_file(str(model_dir / "model.safetensors"))
+    model = load_base_model(compose([f"model.path={model_dir}"]), str(model_dir), "fp32")
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        layer = model.get_submodule(f"transformer.h.0.{name}")
+        assert isinstance(layer, bnb.nn.Linear4bit), (name, type(layer))
+        stored = original[f"transformer.h.0.{name}.weight"]          # (in, out)
+        dense = bnb_backend.dequantize_layer(layer).float()          # (out, in)
+        assert dense.shape == stored.t().shape
+        relative_error = float((dense - stored.t()).norm() / stored.norm())   # NF4: ~0.1; a wrong layout: ~1.4
+        assert relative_error < 0.2, (name, relative_error)
+
+
+def test_dora_and_olora_need_bitsandbytes_weights_not_ipex_llm_ones():
+    from qlorax.errors import ConfigError
+    from qlorax.spec import compose
+
+    for override, key in (("lora.use_dora=true", "lora.use_dora"), ("lora.init=olora", "lora.init")):
+        with pytest.raises(ConfigError) as caught:
+            compose(["quant=bigdl", override])
+        assert key in str(caught.value) and "bitsandbytes" in str(caught.value)
