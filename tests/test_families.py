@@ -287,3 +287,14 @@ def test_dora_and_olora_need_bitsandbytes_weights_not_ipex_llm_ones():
         with pytest.raises(ConfigError) as caught:
             compose(["quant=bigdl", override])
         assert key in str(caught.value) and "bitsandbytes" in str(caught.value)
+
+
+def test_vocab_check_counts_the_loaded_tokenizer_and_allows_padded_embeddings(tmp_path):
+    """A model may have more embedding rows than tokens (vocabularies padded to a multiple of 64); never fewer."""
+    from qlorax.engine.model import check_vocab_fits
+    from qlorax.errors import QloraxError
+
+    padded = build_family_model(tmp_path / "padded", "LlamaConfig", {}, vocab_size=320)
+    check_vocab_fits(str(padded))                      # 260 tokens (tokenizer.json) into 320 rows
+    with pytest.raises(QloraxError, match="has 400 tokens but the model's embedding has only 320 rows"):
+        check_vocab_fits(str(padded), tokenizer_size=400)   # the size of a loaded (e.g. sentencepiece) tokenizer
