@@ -6,9 +6,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["cli", "spec", "launchers", "engine"]
-# Importable from every layer: schemas, errors, paths, the spec.yaml reader, machine facts.
+# Importable from every layer: schemas, errors, paths, the spec.yaml reader, machine facts, model families.
 FOUNDATION = {"qlorax", "qlorax.schema", "qlorax.errors", "qlorax.paths", "qlorax.specfile", "qlorax.hardware",
-              "qlorax.runstatus"}
+              "qlorax.runstatus", "qlorax.families"}
 
 
 def layer_of(module: str) -> str | None:

@@ -136,7 +136,7 @@ def attach_lora(model, spec: RunSpec):
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                         if type(m).__name__.startswith("Linear") or type(m).__name__ == "Conv1D"})
         raise QloraxError(f"lora.target_modules: {str(exc).splitlines()[0]}; this model's linear layers are "
-                          f"{names} (or use lora=all_linear)") from None
+                          f"{names} (or lora.target_modules=[auto] for this family's attention q/k/v, or lora=all_linear)") from None
     return peft_model
 
 
