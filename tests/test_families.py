@@ -298,3 +298,25 @@ def test_vocab_check_counts_the_loaded_tokenizer_and_allows_padded_embeddings(tm
     check_vocab_fits(str(padded))                      # 260 tokens (tokenizer.json) into 320 rows
     with pytest.raises(QloraxError, match="has 400 tokens but the model's embedding has only 320 rows"):
         check_vocab_fits(str(padded), tokenizer_size=400)   # the size of a loaded (e.g. sentencepiece) tokenizer
+
+
+@pytest.mark.integration
+def test_dora_olora_run_resumes_bit_identically(tmp_path):
+    """OLoRA rewrites the 4-bit base weights at attach time and DoRA adds magnitude vectors: a resumed run
+    must rebuild the same base and restore both, ending with the adapter the uninterrupted run wrote."""
+    from safetensors.torch import load_file
+
+    args = ("train", *FAST, "train.max_steps=4", "train.save_steps=2", "lora.use_dora=true", "lora.init=olora",
+            f"run_dir={tmp_path / 'run'}")
+    assert run_cli(*args).returncode == 0
+    final = tmp_path / "run" / "checkpoints" / "step-000004"
+    uninterrupted = load_file(str(final / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in uninterrupted)
+    for path in sorted(final.iterdir()):
+        path.unlink()
+    final.rmdir()                                   # as if killed between the step-2 and step-4 checkpoints
+    resumed_run = run_cli(*args)
+    assert resumed_run.returncode == 0 and "resumed from" in resumed_run.stdout + resumed_run.stderr
+    resumed = load_file(str(final / "adapter_model.safetensors"))
+    assert uninterrupted.keys() == resumed.keys()
+    assert all((uninterrupted[k] == resumed[k]).all() for k in uninterrupted)
