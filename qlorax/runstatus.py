@@ -39,7 +39,7 @@ def tracking(paths: RunPaths, stage: str, enabled: bool = True):
     try:
         yield
     except BaseException as exc:
-        full = is_disk_full(exc)
+        full = is_disk_full(exc) and not isinstance(exc, QloraxError)   # those already say what is intact
         error = QloraxError(disk_full_message(paths, stage, exc)) if full else exc
         if enabled:
             interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130

@@ -65,6 +65,8 @@ def merge(spec: RunSpec) -> dict[str, Any]:
     staging = Path(tempfile.mkdtemp(prefix=paths.MERGE_STAGING_PREFIX, dir=paths.root))
     try:
         merged.to(save_dtype).save_pretrained(staging, safe_serialization=True)
+        if os.environ.get("QLORAX_TEST_KILL_IN_MERGE"):   # crash-safety tests only
+            os.kill(os.getpid(), 9)
         tokenizer.save_pretrained(staging)
         generation = getattr(merged, "generation_config", None) or GenerationConfig.from_model_config(merged.config)
         generation.save_pretrained(staging)
