@@ -334,7 +334,7 @@ def _config_only(model: Path) -> None:
 
 DAMAGE = {
     "truncated to half": (_truncate, ["model.safetensors is truncated", "missing", "re-download"]),
-    "garbled header": (_garble_header, ["model.safetensors", "not a valid safetensors file", "re-download"]),
+    "garbled header": (_garble_header, ["model.safetensors has a damaged header", "re-download"]),
     "a tensor missing": (_drop_tensor, ["1 tensor(s) that LlamaForCausalLM needs", "model.layers.1.mlp.down_proj.weight"]),
     "a shard missing": (_shard_missing, ["1 of the 2 weight shards", "model-00002-of-00002.safetensors", "download every shard"]),
     "config without weights": (_config_only, ["holds no weights"]),
