@@ -113,6 +113,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
     else:
         torch.manual_seed(spec.seed + world.rank)   # dropout differs per rank
         random.seed(spec.seed + world.rank)
+        if world.is_main:
+            truncate_metrics(paths.metrics, 0)   # steps of a run killed before its first checkpoint are redone
 
     pad_id = tokenizer.pad_token_id
 
