@@ -149,7 +149,10 @@ def execute(command: str, spec) -> dict:
     from qlorax.paths import RunPaths
     from qlorax.runlock import hold
 
-    with hold(RunPaths(spec.run_dir), command):   # one process at a time writes a run directory
+    from qlorax.runstatus import disk_full_reported
+
+    paths = RunPaths(spec.run_dir)
+    with hold(paths, command), disk_full_reported(paths, command):   # one process at a time writes a run directory
         return _execute_locked(command, spec)
 
 
@@ -221,6 +224,7 @@ def _stage_on_run_dir(command: str, args: list[str]) -> int:
     from qlorax.engine.stages import run_stages
     from qlorax.paths import RunPaths
     from qlorax.runlock import hold
+    from qlorax.runstatus import disk_full_reported
     from qlorax.spec import with_overrides
     from qlorax.specfile import load_run_spec, save_spec
 
@@ -241,10 +245,14 @@ def _stage_on_run_dir(command: str, args: list[str]) -> int:
     stored, recorded = load_run_spec(paths.root)   # the directory given is the run, wherever it was created
     spec = with_overrides(stored, extra)
     setup_logging(quiet=spec.quiet)
-    with hold(paths, command):
+    with hold(paths, command), disk_full_reported(paths, command):
         if recorded and Path(recorded) != paths.root:
-            logging.getLogger("qlorax").info("run directory moved from %s: working in %s", recorded, paths.root)
-            save_spec(stored, paths.spec)
+            log = logging.getLogger("qlorax")
+            log.info("run directory moved from %s: working in %s", recorded, paths.root)
+            try:
+                save_spec(stored, paths.spec)
+            except OSError as exc:   # e.g. a full disk: the stage still works here, only the record lags
+                log.warning("run_dir: cannot record the new location in spec.yaml (%s)", exc.strerror or exc)
         run_stages(spec, [command])
     return 0
 

@@ -99,11 +99,14 @@ def run_dir_problem(path: str | Path) -> str:
     try:
         target.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".probe-", dir=target)
-        os.close(fd)
-        os.unlink(probe)
+        try:
+            os.write(fd, b"q")   # a full disk still creates empty files; a byte needs a block
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         reason = {errno.EROFS: "it is on a read-only filesystem", errno.EACCES: "permission denied",
-                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device",
+                  errno.EPERM: "permission denied", errno.ENOSPC: "no space left on the device (nothing in it was changed); free some space",
                   errno.ENOENT: "it cannot be created there (a pseudo filesystem such as /proc?)"}.get(exc.errno)
         return reason or (exc.strerror or str(exc)).lower()
     return ""

@@ -51,9 +51,20 @@ def tracking(paths: RunPaths, stage: str, enabled: bool = True):
         raise
 
 
+@contextlib.contextmanager
+def disk_full_reported(paths: RunPaths, stage: str):
+    """A write that fails for lack of space inside the block ends in one message saying what is intact."""
+    try:
+        yield
+    except Exception as exc:
+        if is_disk_full(exc) and not isinstance(exc, QloraxError):
+            raise QloraxError(disk_full_message(paths, stage, exc)) from None
+        raise
+
+
 def disk_full_message(paths: RunPaths, stage: str, exc: BaseException) -> str:
     """What a full disk interrupted, what is still intact, and how to continue."""
-    if stage == "train":
+    if stage in ("train", "run"):
         checkpoints = paths.checkpoint_dirs()
         intact = (f"the last complete checkpoint {checkpoints[-1][1].name} is intact" if checkpoints
                   else "no checkpoint had been written yet")
@@ -65,7 +76,7 @@ def disk_full_message(paths: RunPaths, stage: str, exc: BaseException) -> str:
         intact += " (partial files are removed on the next run)"
     detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     return (f"{stage}: the disk holding {paths.root} is full ({detail}); {intact}; free some space, then rerun "
-            f"`qlorax {stage} run_dir={paths.root}`" + (" (it resumes)" if stage == "train" else ""))
+            f"`qlorax {stage} run_dir={paths.root}`" + (" (it resumes)" if stage in ("train", "run") else ""))
 
 
 def read(paths: RunPaths) -> dict:

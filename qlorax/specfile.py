@@ -59,8 +59,12 @@ def save_spec(spec: RunSpec, path: Path) -> None:
     """Write spec.yaml atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(HEADER + yaml.safe_dump(to_dict(spec), sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(HEADER + yaml.safe_dump(to_dict(spec), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_spec(path: Path) -> RunSpec:
