@@ -140,19 +140,18 @@ def _check_run_dir(run_dir: str) -> None:
 
 
 def execute(command: str, spec) -> dict:
-    """Prepare the run directory, launch training, then run the later stages (for ``run``)."""
-    import logging
+    """Prepare the run directory, launch training, then run the later stages (for ``run``).
 
+    One process at a time works in a run directory (``qlorax.runlock``); a full disk ends in one message.
+    """
     from qlorax.engine.console import setup_logging
-
-    setup_logging(quiet=spec.quiet)
     from qlorax.paths import RunPaths
     from qlorax.runlock import hold
-
     from qlorax.runstatus import disk_full_reported
 
+    setup_logging(quiet=spec.quiet)
     paths = RunPaths(spec.run_dir)
-    with hold(paths, command), disk_full_reported(paths, command):   # one process at a time writes a run directory
+    with hold(paths, command), disk_full_reported(paths, command):
         return _execute_locked(command, spec)
 
 
