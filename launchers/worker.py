@@ -17,7 +17,7 @@ import traceback
 from qlorax import runstatus
 from qlorax.errors import QloraxError
 from qlorax.paths import RunPaths
-from qlorax.specfile import load_spec
+from qlorax.specfile import load_run_spec
 
 
 def _rank_env() -> tuple[int, int, int]:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_runtime_defaults()   # started by mpirun or a pod, not through the CLI
     rank, world, local_rank = _rank_env()
     try:
-        spec = load_spec(RunPaths(args.run_dir).spec)
+        spec, _ = load_run_spec(args.run_dir)   # a moved run directory is used where it is now
         from qlorax.launchers.pinning import apply
 
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))

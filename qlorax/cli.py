@@ -95,6 +95,8 @@ def _hydra_command(command: str, args: list[str]) -> int:
         compose(overrides, _config_dirs(flags))   # raises ConfigError listing every problem; loads no model
     multirun = any(f in ("-m", "--multirun") for f in flags)
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
+    if run_dir and not asks_help:
+        _check_run_dir(run_dir)
     if run_dir:
         overrides.append(f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}")
         if multirun:
@@ -127,13 +129,35 @@ def _hydra_command(command: str, args: list[str]) -> int:
     return 0
 
 
-def execute(command: str, spec) -> dict:
-    """Prepare the run directory, launch training, then run the later stages (for ``run``)."""
-    import logging
+def _check_run_dir(run_dir: str) -> None:
+    """A run directory that cannot be created or written is refused here, not in Hydra's mkdir."""
+    from qlorax.paths import run_dir_problem
 
+    problem = run_dir_problem(run_dir)
+    if problem:
+        raise QloraxError(f"run_dir={run_dir} cannot be used: {problem}; choose a writable directory, "
+                          "e.g. run_dir=outputs/my-run")
+
+
+def execute(command: str, spec) -> dict:
+    """Prepare the run directory, launch training, then run the later stages (for ``run``).
+
+    One process at a time works in a run directory (``qlorax.runlock``); a full disk ends in one message.
+    """
     from qlorax.engine.console import setup_logging
+    from qlorax.paths import RunPaths
+    from qlorax.runlock import hold
+    from qlorax.runstatus import disk_full_reported
 
     setup_logging(quiet=spec.quiet)
+    paths = RunPaths(spec.run_dir)
+    with hold(paths, command), disk_full_reported(paths, command):
+        return _execute_locked(command, spec)
+
+
+def _execute_locked(command: str, spec) -> dict:
+    import logging
+
     log = logging.getLogger("qlorax")
     prepare_run_dir(spec)
     log.info("run directory: %s", spec.run_dir)
@@ -193,10 +217,15 @@ def check_inputs(spec) -> None:
 
 
 def _stage_on_run_dir(command: str, args: list[str]) -> int:
+    import logging
+
+    from qlorax.engine.console import setup_logging
     from qlorax.engine.stages import run_stages
     from qlorax.paths import RunPaths
+    from qlorax.runlock import hold
+    from qlorax.runstatus import disk_full_reported
     from qlorax.spec import with_overrides
-    from qlorax.specfile import load_spec
+    from qlorax.specfile import load_run_spec, save_spec
 
     run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
     if not run_dirs:
@@ -212,8 +241,18 @@ def _stage_on_run_dir(command: str, args: list[str]) -> int:
     if wrong:
         raise QloraxError(f"`qlorax {command}` on an existing run only takes merge.* / verify.* / quiet overrides, "
                           f"not {', '.join(wrong)}; start a new run to change training settings")
-    spec = with_overrides(load_spec(paths.spec), extra)
-    run_stages(spec, [command])
+    stored, recorded = load_run_spec(paths.root)   # the directory given is the run, wherever it was created
+    spec = with_overrides(stored, extra)
+    setup_logging(quiet=spec.quiet)
+    with hold(paths, command), disk_full_reported(paths, command):
+        if recorded and Path(recorded) != paths.root:
+            log = logging.getLogger("qlorax")
+            log.info("run directory moved from %s: working in %s", recorded, paths.root)
+            try:
+                save_spec(stored, paths.spec)
+            except OSError as exc:   # e.g. a full disk: the stage still works here, only the record lags
+                log.warning("run_dir: cannot record the new location in spec.yaml (%s)", exc.strerror or exc)
+        run_stages(spec, [command])
     return 0
 
 

@@ -41,3 +41,17 @@ class Interrupted(QloraxError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
 
     exit_code = 130
+
+
+# How a full disk shows up: OSError 28 from Python, the os error inside Rust (safetensors) and C++ (torch.save) messages.
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "basic_ios::clear",
+                   "file write failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for lack of space (from Python, torch or safetensors)."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(t in str(exc) for t in _DISK_FULL_TEXT)

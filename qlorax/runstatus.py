@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlorax.errors import QloraxError, is_disk_full
 from qlorax.paths import RunPaths, read_json
 
 
@@ -17,9 +18,17 @@ def write(paths: RunPaths, state: str, stage: str, **extra) -> None:
     record = {**kept, "state": state, "stage": stage, "pid": os.getpid(), "host": os.uname().nodename,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
     paths.root.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record)
     tmp = paths.status.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, paths.status)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, paths.status)
+    except OSError:
+        # A full disk has no block for a new file, but the old status.json has one: rewrite it in place.
+        tmp.unlink(missing_ok=True)
+        with paths.status.open("r+" if paths.status.is_file() else "w") as f:
+            f.write(text)
+            f.truncate()
 
 
 @contextlib.contextmanager
@@ -30,10 +39,44 @@ def tracking(paths: RunPaths, stage: str, enabled: bool = True):
     try:
         yield
     except BaseException as exc:
+        full = is_disk_full(exc) and not isinstance(exc, QloraxError)   # those already say what is intact
+        error = QloraxError(disk_full_message(paths, stage, exc)) if full else exc
         if enabled:
             interrupted = isinstance(exc, KeyboardInterrupt) or getattr(exc, "exit_code", None) == 130
-            write(paths, "interrupted" if interrupted else "failed", stage, error=str(exc)[:500] or type(exc).__name__)
+            with contextlib.suppress(OSError):   # the original error matters more than recording it
+                write(paths, "interrupted" if interrupted else "failed", stage,
+                      error=str(error)[:500] or type(exc).__name__)
+        if full:
+            raise error from None
         raise
+
+
+@contextlib.contextmanager
+def disk_full_reported(paths: RunPaths, stage: str):
+    """A write that fails for lack of space inside the block ends in one message saying what is intact."""
+    try:
+        yield
+    except Exception as exc:
+        if is_disk_full(exc) and not isinstance(exc, QloraxError):
+            raise QloraxError(disk_full_message(paths, stage, exc)) from None
+        raise
+
+
+def disk_full_message(paths: RunPaths, stage: str, exc: BaseException) -> str:
+    """What a full disk interrupted, what is still intact, and how to continue."""
+    if stage in ("train", "run"):
+        checkpoints = paths.checkpoint_dirs()
+        intact = (f"the last complete checkpoint {checkpoints[-1][1].name} is intact" if checkpoints
+                  else "no checkpoint had been written yet")
+    elif stage == "merge":
+        intact = "the previous merged/ is intact" if paths.merged.is_dir() else "no merged model was written"
+    else:
+        intact = "earlier stages' outputs are intact"
+    if paths.merge_staging_dirs() or (paths.checkpoints.is_dir() and any(paths.checkpoints.glob(".tmp-*"))):
+        intact += " (partial files are removed on the next run)"
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return (f"{stage}: the disk holding {paths.root} is full ({detail}); {intact}; free some space, then rerun "
+            f"`qlorax {stage} run_dir={paths.root}`" + (" (it resumes)" if stage in ("train", "run") else ""))
 
 
 def read(paths: RunPaths) -> dict:

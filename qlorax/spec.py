@@ -176,11 +176,14 @@ def _constraint_problems(spec: RunSpec) -> list[Problem]:
     return problems
 
 
-def _cross_problems(spec: RunSpec) -> list[Problem]:
-    """Rules that involve more than one field."""
+def _cross_problems(spec: RunSpec, out_of_range: frozenset[str] = frozenset()) -> list[Problem]:
+    """Rules that involve more than one field; those whose fields failed their own bounds are skipped
+    (workers=0 is reported once, as out of range, not as a division by zero)."""
     p: list[Problem] = []
     t, q, par = spec.train, spec.quant, spec.parallel
-    if t.batch_size % spec.workers:
+    if out_of_range & {"workers", "train.batch_size", "train.micro_batch_size"}:
+        pass
+    elif t.batch_size % spec.workers:
         p.append(Problem("train.batch_size", f"global batch {t.batch_size} does not split evenly over {spec.workers} workers",
                          f"train.batch_size={(t.batch_size // spec.workers + 1) * spec.workers}"))
     else:
@@ -307,7 +310,7 @@ def _ccl_available() -> bool:
 def validate(spec: RunSpec) -> list[Problem]:
     """Every problem with a composed spec (field constraints first, then cross-field rules)."""
     problems = _constraint_problems(spec)
-    return problems + _cross_problems(spec)
+    return problems + _cross_problems(spec, frozenset(p.key for p in problems))
 
 
 # ---------------------------------------------------------------- composition

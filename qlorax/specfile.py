@@ -59,12 +59,35 @@ def save_spec(spec: RunSpec, path: Path) -> None:
     """Write spec.yaml atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(HEADER + yaml.safe_dump(to_dict(spec), sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(HEADER + yaml.safe_dump(to_dict(spec), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_spec(path: Path) -> RunSpec:
     """Read a run's spec.yaml; the error names the command that creates it."""
+    return from_dict(_read_spec(path), source=str(path))
+
+
+def load_run_spec(run_dir: str | Path) -> tuple[RunSpec, str]:
+    """(spec, run_dir recorded in it) of the run in ``run_dir``.
+
+    The directory given is the run: the spec's ``run_dir`` is set to where it is now, so a moved or
+    copied run directory is worked on in place, never in the path it was created at.
+    """
+    from qlorax.paths import RunPaths
+
+    paths = RunPaths(run_dir)
+    data = _read_spec(paths.spec)
+    recorded = str(data.get("run_dir") or "")
+    data["run_dir"] = str(paths.root)
+    return from_dict(data, source=str(paths.spec)), recorded
+
+
+def _read_spec(path: Path) -> dict:
     if not path.is_file():
         raise QloraxError(f"no run spec at {path}: create the run with `qlorax train run_dir={path.parent}`")
     try:
@@ -73,4 +96,4 @@ def load_spec(path: Path) -> RunSpec:
         raise QloraxError(f"{path} is not valid YAML ({exc}); re-create the run with `qlorax train`") from None
     if not isinstance(data, dict):
         raise QloraxError(f"{path} holds no run spec; re-create the run with `qlorax train run_dir={path.parent}`")
-    return from_dict(data, source=str(path))
+    return data

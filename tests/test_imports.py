@@ -8,7 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["cli", "spec", "launchers", "engine"]
 # Importable from every layer: schemas, errors, paths, the spec.yaml reader, machine facts, model families.
 FOUNDATION = {"qlorax", "qlorax.schema", "qlorax.errors", "qlorax.paths", "qlorax.specfile", "qlorax.hardware",
-              "qlorax.runstatus", "qlorax.families"}
+              "qlorax.runstatus", "qlorax.families", "qlorax.runlock"}
 
 
 def layer_of(module: str) -> str | None:

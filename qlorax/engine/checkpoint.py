@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qlorax.errors import QloraxError
+from qlorax.errors import QloraxError, is_disk_full
 from qlorax.paths import RunPaths
 
 log = logging.getLogger("qlorax")
@@ -64,12 +64,15 @@ def save(paths: RunPaths, step: int, model, state: dict[str, Any], keep: int) ->
             shutil.rmtree(target)
         os.rename(staging, target)
         _fsync(paths.checkpoints)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:   # torch.save reports a failed write as RuntimeError
+        if not isinstance(exc, OSError) and not is_disk_full(exc):
+            raise
         if "staging" in locals():
             shutil.rmtree(staging, ignore_errors=True)
         previous = latest_valid(paths)
         kept = f"the previous checkpoint {previous[1]} is intact" if previous else "no earlier checkpoint exists"
-        raise QloraxError(f"cannot write checkpoint step {step} under {paths.checkpoints}: {exc.strerror or exc} "
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise QloraxError(f"cannot write checkpoint step {step} under {paths.checkpoints}: {reason} "
                           f"({kept}); free disk space or make the run directory writable, then resume with "
                           f"`qlorax train run_dir={paths.root} resume=auto`") from None
     for old_step, old in paths.checkpoint_dirs()[:-keep]:

@@ -20,6 +20,7 @@ log = logging.getLogger("qlorax")
 
 def setup_logging(log_file: Path | None = None, rank: int = 0, quiet: bool = False) -> None:
     """Plain 'message' lines on stderr (rank 0; others only warnings) and in the run's log file."""
+    logging.raiseExceptions = False   # a full disk ends in one clear error, not a logging traceback per line
     root = logging.getLogger("qlorax")
     root.handlers.clear()
     root.setLevel(logging.INFO)

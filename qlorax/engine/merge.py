@@ -33,6 +33,9 @@ def merge(spec: RunSpec) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     paths = RunPaths(spec.run_dir)
+    for stale in paths.merge_staging_dirs():   # the caller holds the run lock: these belong to a killed merge
+        log.info("merge: removing %s, left by a merge that was stopped before it finished", stale.name)
+        shutil.rmtree(stale, ignore_errors=True)
     step, adapter_dir = checkpoint.require_adapter(paths)
     adapter_sha = json.loads((adapter_dir / checkpoint.MANIFEST).read_text())["files"]["adapter_model.safetensors"]
     done = read_json(paths.merge_info)
@@ -59,9 +62,11 @@ def merge(spec: RunSpec) -> dict[str, Any]:
     merged.config.use_cache = True   # training switched the KV cache off; generation wants it back
 
     paths.root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=paths.root))
+    staging = Path(tempfile.mkdtemp(prefix=paths.MERGE_STAGING_PREFIX, dir=paths.root))
     try:
         merged.to(save_dtype).save_pretrained(staging, safe_serialization=True)
+        if os.environ.get("QLORAX_TEST_KILL_IN_MERGE"):   # crash-safety tests only
+            os.kill(os.getpid(), 9)
         tokenizer.save_pretrained(staging)
         generation = getattr(merged, "generation_config", None) or GenerationConfig.from_model_config(merged.config)
         generation.save_pretrained(staging)

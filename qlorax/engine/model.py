@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qlorax import families
+from qlorax.engine import weights
 from qlorax.engine.quant.common import hub_kwargs
 from qlorax.errors import QloraxError
 from qlorax.schema import RunSpec
@@ -45,6 +46,8 @@ def check_model_path(spec: RunSpec) -> str:
                           "point model.path at the folder that holds config.json and the weights")
     has_safetensors = any(local.glob("*.safetensors"))
     has_pickle = any(local.glob("*.bin")) or any(local.glob("*.pt"))
+    if has_safetensors or (local / weights.INDEX).is_file():   # sizes, headers, index, shards, tensor names
+        weights.check_tensors_present(local, weights.check_weight_files(local), spec.model.trust_remote_code)
     if not has_safetensors and not has_pickle:
         raise QloraxError(f"model.path: {local} holds no weights (*.safetensors); download or convert the model first")
     if not has_safetensors and has_pickle and not spec.model.allow_pickle:
@@ -137,6 +140,7 @@ def attach_lora(model, spec: RunSpec):
                         if type(m).__name__.startswith("Linear") or type(m).__name__ == "Conv1D"})
         raise QloraxError(f"lora.target_modules: {str(exc).splitlines()[0]}; this model's linear layers are "
                           f"{names} (or lora.target_modules=[auto] for this family's attention q/k/v, or lora=all_linear)") from None
+    _warn_rank_above_width(peft_model, spec.lora.r)
     return peft_model
 
 
@@ -152,6 +156,19 @@ def lora_targets(model, spec: RunSpec) -> Any:
         raise QloraxError(f"lora.target_modules=[auto]: qlorax has no default targets for model type {model_type!r}; "
                           "name them (lora.target_modules=[...]) or use lora=all_linear") from None
     return families.ALL_LINEAR if targets == [families.ALL_LINEAR] else targets
+
+
+def _warn_rank_above_width(model, r: int) -> None:
+    """An adapter's rank cannot exceed its layer's narrower side: a larger lora.r only costs memory and time."""
+    widths = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+              if hasattr(m, "lora_A") and hasattr(m, "in_features")]
+    if not widths:
+        return
+    name, n_in, n_out = min(widths, key=lambda w: min(w[1], w[2]))
+    if r > min(n_in, n_out):
+        log.warning("lora.r=%d is larger than the layers it adapts: %s is %d -> %d wide, so its adapter has rank "
+                    "at most %d and the rest only costs memory and time; use lora.r=%d or less", r,
+                    name.removeprefix("base_model.model."), n_in, n_out, min(n_in, n_out), min(n_in, n_out))
 
 
 def trainable_parameters(model) -> list:

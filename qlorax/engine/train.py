@@ -25,7 +25,7 @@ from qlorax.engine.lm import autocast, held_out_loss, loss_sum
 from qlorax.engine.model import attach_lora, load_tokenizer, resolve_model_path, trainable_parameters
 from qlorax.engine.quant import linear_weight_bytes, load_base_model, unquantized_linear_layers
 from qlorax.errors import Interrupted
-from qlorax.paths import RunPaths
+from qlorax.paths import RunPaths, read_json
 from qlorax.schema import RunSpec
 
 log = logging.getLogger("qlorax")
@@ -70,6 +70,16 @@ def train(spec: RunSpec) -> dict[str, Any]:
              data.stats["truncated"], spec.data.cutoff_len, global_batch, micro, accum, world.size,
              total_steps, total_steps * global_batch / n_train)
 
+    finished = _finished_summary(paths, spec, total_steps)
+    if finished is not None:
+        if world.is_main:
+            runstatus.write(paths, "finished", "train", step=finished["steps"], total_steps=finished["total_steps"])
+        log.info("train: already finished: %d steps, final loss %.4f, eval loss %s -> %s; adapter in %s "
+                 "(nothing to do; raise train.max_steps to train further)", finished["steps"], finished["final_loss"],
+                 _fmt(finished.get("initial_eval_loss")), _fmt(finished.get("final_eval_loss")), finished["checkpoint"])
+        distributed.shutdown(world)
+        return finished
+
     # ---- model
     torch.manual_seed(spec.seed)   # identical base and LoRA init on every rank
     model = load_base_model(spec, model_path, precision)
@@ -103,6 +113,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
     else:
         torch.manual_seed(spec.seed + world.rank)   # dropout differs per rank
         random.seed(spec.seed + world.rank)
+        if world.is_main:
+            truncate_metrics(paths.metrics, 0)   # steps of a run killed before its first checkpoint are redone
 
     pad_id = tokenizer.pad_token_id
 
@@ -120,6 +132,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
         initial_eval = evaluate()
         if initial_eval is not None:
             log.info("eval before training: eval_loss %.4f (perplexity %.2f)", initial_eval, math.exp(min(initial_eval, 50)))
+            _warn_if_no_better_than_chance(initial_eval, model, spec)
 
     # ---- loop
     stop = {"signal": None}
@@ -217,6 +230,30 @@ def train(spec: RunSpec) -> dict[str, Any]:
                  _fmt(initial_eval), _fmt(eval_loss), paths.checkpoint(step))
     distributed.shutdown(world)
     return summary
+
+
+def _finished_summary(paths: RunPaths, spec: RunSpec, total_steps: int) -> dict | None:
+    """The recorded summary of a run that already trained its ``total_steps`` (a rerun has nothing to do)."""
+    if spec.resume != "auto":
+        return None
+    summary = read_json(paths.train_summary)
+    found = checkpoint.latest_valid(paths)
+    if not found or found[0] < total_steps or summary.get("steps") != found[0] or "final_loss" not in summary:
+        return None
+    return summary
+
+
+def _warn_if_no_better_than_chance(initial_eval: float, model, spec: RunSpec) -> None:
+    """A pretrained model whose held-out loss is ln(vocab) or worse predicts no better than uniform guessing:
+    its weights are damaged (zeros, a cut file that loaded anyway) or it is not the model meant."""
+    vocab = getattr(model.config, "vocab_size", None) or model.get_output_embeddings().out_features
+    chance = math.log(vocab)
+    if spec.model.path == "builtin:tiny" or initial_eval < chance - 0.05:
+        return   # the built-in demo model starts from random weights on purpose
+    log.warning("model: held-out loss before training is %.4f, at or above ln(vocab size %d) = %.4f: %s predicts "
+                "no better than uniform guessing. Its weights are probably damaged or not what model.path should "
+                "point at; check the files (re-download them) before trusting this run", initial_eval, vocab, chance,
+                spec.model.path)
 
 
 def prepare_for_training(model, spec: RunSpec, precision: str) -> list:

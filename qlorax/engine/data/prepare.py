@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from qlorax.engine.data.coverage import check_signal
 from qlorax.engine.data.examples import IGNORE_INDEX, Example, PreparedData, split_sizes, tokenize
 from qlorax.engine.data.packing import pack
 from qlorax.engine.data.readers import read_rows
@@ -24,6 +25,7 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
     cfg = spec.data
     rows, source = read_rows(cfg)
     check_fields(rows, cfg, source)
+    no_signal = check_signal(rows, cfg, source)
     key = _cache_key(cfg, source, tokenizer)
     cache = paths.data_cache / f"{key}.pt" if paths else None
     n_eval = split_sizes(len(rows), cfg.val_set_size, source)
@@ -49,7 +51,7 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
         raise QloraxError(f"data: no training example has answer tokens left after truncation to "
                           f"data.cutoff_len={cfg.cutoff_len}; raise data.cutoff_len")
     stats = {"rows": len(rows), "train_examples": len(train), "eval_examples": len(evals), "truncated": truncated,
-             "source": source, "train_tokens": sum(len(e.input_ids) for e in train)}
+             "source": source, "train_tokens": sum(len(e.input_ids) for e in train), **no_signal}
     if truncated:
         log.warning("data: %d of %d rows are longer than data.cutoff_len=%d tokens and were truncated "
                     "(raise data.cutoff_len to keep them whole)", truncated, len(rows), cfg.cutoff_len)
