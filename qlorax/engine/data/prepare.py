@@ -32,7 +32,7 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
     if cache is not None and cache.is_file():
         stored = torch.load(cache, weights_only=True)
         log.info("tokenized data: reusing cache %s", cache.name)
-        return PreparedData([Example(*e) for e in stored["train"]], [Example(*e) for e in stored["eval"]],
+        return PreparedData([Example(e[0], e[1], tuple(e[2]) if len(e) > 2 else ()) for e in stored["train"]], [Example(*e) for e in stored["eval"]],
                             [rows[i] for i in eval_idx], stored["stats"])
     truncated = 0
     examples = []
@@ -56,7 +56,7 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"train": [(e.input_ids, e.labels) for e in train],
+        torch.save({"train": [(e.input_ids, e.labels, e.segments) for e in train],
                     "eval": [(e.input_ids, e.labels) for e in evals], "stats": stats}, tmp)
         tmp.replace(cache)
     return PreparedData(train, evals, [rows[i] for i in eval_idx], stats)
