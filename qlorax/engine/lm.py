@@ -63,11 +63,13 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
-def generate(model, tokenizer, prompt: str, n_predict: int, precision: str) -> dict:
-    """Greedy continuation of ``prompt``: text, new tokens, seconds, tokens/s."""
+def generate(model, tokenizer, prompt: str, n_predict: int, precision: str, add_special_tokens: bool = True) -> dict:
+    """Greedy continuation of ``prompt``: text, new tokens, seconds, tokens/s.
+
+    ``add_special_tokens=False`` for text that already holds them (a rendered chat template)."""
     import torch
 
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
     started = time.perf_counter()
     with torch.no_grad(), autocast(precision):
         out = model.generate(**inputs, max_new_tokens=n_predict, do_sample=False,
