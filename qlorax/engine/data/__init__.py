@@ -17,10 +17,10 @@ from qlorax.engine.data.batching import collate, global_target_tokens, rank_micr
 from qlorax.engine.data.chat import prompts as chat_prompts
 from qlorax.engine.data.examples import IGNORE_INDEX, Example, PreparedData, split_sizes, tokenize
 from qlorax.engine.data.packing import model_inputs, pack
-from qlorax.engine.data.prepare import prepare
+from qlorax.engine.data.prepare import check_rows, prepare
 from qlorax.engine.data.readers import data_source, read_rows
 from qlorax.engine.data.templates import check_fields, render, template_fields
 
-__all__ = ["IGNORE_INDEX", "Example", "PreparedData", "chat_prompts", "check_fields", "collate", "data_source",
+__all__ = ["IGNORE_INDEX", "Example", "PreparedData", "chat_prompts", "check_fields", "check_rows", "collate", "data_source",
            "global_target_tokens", "model_inputs", "pack", "prepare", "rank_micro_batches", "read_rows", "render", "split_sizes", "stream_index",
            "template_fields", "tokenize"]

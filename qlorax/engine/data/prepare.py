@@ -24,13 +24,11 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
 
     cfg = spec.data
     rows, source = read_rows(cfg)
-    skipped, template = 0, None
+    rows, skipped = check_rows(rows, cfg, source)
+    template = None
     if cfg.chat_format != "none":
-        rows, skipped = check_conversations(rows, cfg, source)
         template, encode = encoder(cfg, tokenizer, rows, source)
     else:
-        check_fields(rows, cfg, source)
-
         def encode(row: dict) -> tuple[Example, bool]:
             return tokenize(*render(row, cfg), tokenizer, cfg)
     key = _cache_key(cfg, source, tokenizer, template.text if template else "")
@@ -75,6 +73,15 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
                     "eval": [(e.input_ids, e.labels) for e in evals], "stats": stats}, tmp)
         tmp.replace(cache)
     return PreparedData(train, evals, [rows[i] for i in eval_idx], stats)
+
+
+def check_rows(rows: list[dict], cfg: DataConfig, source: str) -> tuple[list[dict], int]:
+    """The rows to train on and how many bad ones were skipped (conversations with data.skip_bad_rows);
+    any other bad row raises, naming the row, the file and the fix."""
+    if cfg.chat_format != "none":
+        return check_conversations(rows, cfg, source)
+    check_fields(rows, cfg, source)
+    return rows, 0
 
 
 def _cache_key(cfg: DataConfig, source: str, tokenizer, chat_template: str) -> str:
