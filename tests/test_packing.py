@@ -103,3 +103,11 @@ def test_packing_in_prepare_keeps_every_token(tmp_path):
     assert sum(len(e.input_ids) for e in packed.train) == sum(len(e.input_ids) for e in plain.train)
     assert sum(1 for e in packed.train for t in e.labels[1:] if t != D.IGNORE_INDEX) == \
         sum(1 for e in plain.train for t in e.labels[1:] if t != D.IGNORE_INDEX)
+
+
+def test_memory_plan_counts_the_block_mask():
+    from qlorax.memory import estimate
+
+    plain = estimate(compose(["data.cutoff_len=1024", "train.micro_batch_size=2"]))
+    packed = estimate(compose(["data.cutoff_len=1024", "train.micro_batch_size=2", "data.packing=true"]))
+    assert packed.activations - plain.activations == 2 * 1024 ** 2
