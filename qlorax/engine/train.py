@@ -159,7 +159,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss, step_tokens, step_computed = distributed.all_reduce_sum([step_loss, step_tokens, step_computed], world)
+            step_loss, step_tokens, step_computed = distributed.all_reduce_sum([step_loss, step_tokens, step_computed],
+                                                                               world)
             step += 1
             last_loss = step_loss / target_tokens
             elapsed = time.perf_counter() - started

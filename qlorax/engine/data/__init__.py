@@ -21,6 +21,6 @@ from qlorax.engine.data.prepare import check_rows, prepare
 from qlorax.engine.data.readers import data_source, read_rows
 from qlorax.engine.data.templates import check_fields, render, template_fields
 
-__all__ = ["IGNORE_INDEX", "Example", "PreparedData", "chat_prompts", "check_fields", "check_rows", "collate", "data_source",
-           "global_target_tokens", "model_inputs", "pack", "prepare", "rank_micro_batches", "read_rows", "render", "split_sizes", "stream_index",
-           "template_fields", "tokenize"]
+__all__ = ["IGNORE_INDEX", "Example", "PreparedData", "chat_prompts", "check_fields", "check_rows", "collate",
+           "data_source", "global_target_tokens", "model_inputs", "pack", "prepare", "rank_micro_batches", "read_rows",
+           "render", "split_sizes", "stream_index", "template_fields", "tokenize"]

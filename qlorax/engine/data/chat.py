@@ -159,7 +159,12 @@ def tokenize_conversation(messages: list[dict], template: ChatTemplate, tokenize
                           cfg: DataConfig) -> tuple[Example, bool]:
     """Token ids and labels (only assistant turns unless train_on_inputs); returns (example, truncated)."""
     text, spans = assistant_spans(messages, template, tokenizer)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)   # the template wrote them
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)   # the template wrote them
+    except NotImplementedError:
+        raise QloraxError(f"data=chat needs a fast tokenizer (character offsets locate the assistant turns); "
+                          f"{type(tokenizer).__name__} has none: convert the model's tokenizer to tokenizer.json"
+                          ) from None
     ids = encoded["input_ids"]
     if cfg.train_on_inputs:
         labels = list(ids)
@@ -172,14 +177,14 @@ def tokenize_conversation(messages: list[dict], template: ChatTemplate, tokenize
 
 def encoder(cfg: DataConfig, tokenizer, rows: list[dict], source: str):
     """(template, row -> (example, truncated)) for rows that passed check_conversations."""
+    from jinja2 import TemplateError   # what apply_chat_template raises
+
     template = resolve_template(cfg, tokenizer)
 
     def encode(row: dict) -> tuple[Example, bool]:
         try:
             return tokenize_conversation(conversation(row, cfg), template, tokenizer, cfg)
-        except Exception as exc:   # the template's raise_exception, e.g. Llama 2's user/assistant alternation
-            if isinstance(exc, QloraxError) or type(exc).__name__ not in ("TemplateError", "UndefinedError"):
-                raise
+        except TemplateError as exc:   # the template's raise_exception, e.g. Llama 2's user/assistant alternation
             number = next(i for i, r in enumerate(rows, start=1) if r is row)
             raise QloraxError(f"data: row {number} of {source}: the {template.origin} chat template refuses it "
                               f"({exc}); {FIX}, or pick another template with data.chat_template="
