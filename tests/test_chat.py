@@ -170,3 +170,12 @@ def test_chat_options_without_chat_rows_are_refused():
 
     with pytest.raises(ConfigError, match="data.chat_format"):
         compose(["data.chat_template=chatml"])
+
+
+def test_cli_refuses_a_bad_conversation_before_training(tmp_path):
+    from conftest import assert_user_error, run_cli
+
+    path = _write(tmp_path, [{"messages": CONVERSATION}, {"messages": CONVERSATION[:2]}])
+    result = run_cli("train", "data=chat", f"data.path={path}", f"run_dir={tmp_path / 'run'}", "quiet=true")
+    assert_user_error(result, f"row 2 of {path}", "ends on a user turn", "data.skip_bad_rows=true")
+    assert not (tmp_path / "run" / "checkpoints").exists()
