@@ -208,7 +208,8 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="multi-process scaling through the real CLI: N ranks x 1 thread vs 1 rank x N threads")
     parser.add_argument("--packing", action="store_true",
-                        help="padding share and useful tokens/s through the real CLI: unpacked vs data.packing=true")
+                        help="packed attention (4-D mask vs per-example loop), then padding share and useful tokens/s "
+                             "through the real CLI: unpacked vs data.packing=true")
     parser.add_argument("--scaling-args", default="model=stories260k data=english_quotes",
                         help="overrides for the --scaling and --packing runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -218,6 +219,7 @@ def main() -> None:
     if args.scaling:
         return scaling(args.scaling_args.split(), rounds=args.rounds or 2)
     if args.packing:
+        packed_attention(rounds=args.rounds or 5)
         return packing(args.scaling_args.split(), rounds=args.rounds or 2)
 
     layers = 4 if args.quick else SHAPE_1B["num_hidden_layers"]
@@ -293,6 +295,52 @@ def packing(overrides: list[str], rounds: int) -> None:
         share = statistics.median(r["padding_share"] for r in results)
         each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results)
         print(f"  {name:<10} padding {100 * share:5.1f}%  {rate:8.0f} useful tokens/s  ({rate / base:.2f}x)  rounds: {each}")
+
+
+def packed_attention(rounds: int) -> None:
+    """Packed rows' attention, forward + backward: one SDPA call with the block-diagonal 4-D bool mask
+    (what qlorax runs) vs a variable-length loop of one causal SDPA call per example, interleaved."""
+    import torch
+    import torch.nn.functional as F
+
+    from qlorax.engine.data import model_inputs
+
+    print(f"packed attention (forward + backward), {torch.get_num_threads()} threads; median of {rounds} rounds")
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, heads, width, doc in ((4, 8, 256, 50), (4, 32, 256, 50), (1, 32, 1024, 200), (1, 32, 2048, 60)):
+            rows = []
+            for _ in range(batch):
+                lengths, left = [], width
+                while left > 0:
+                    lengths.append(min(left, int(torch.randint(doc // 2, doc * 3 // 2, (), generator=generator))))
+                    left -= lengths[-1]
+                rows.append(lengths)
+            numbers = torch.stack([torch.repeat_interleave(torch.arange(1, len(r) + 1), torch.tensor(r)) for r in rows])
+            mask = model_inputs(torch.zeros_like(numbers), numbers)["attention_mask"]
+            q, k, v = (torch.randn(batch, heads, width, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+
+            def block_mask():
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+
+            def per_example():
+                outs = []
+                for b, lengths in enumerate(rows):
+                    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+                    outs.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:s + n], k[b:b + 1, :, s:s + n],
+                                                                          v[b:b + 1, :, s:s + n], is_causal=True)
+                                           for s, n in zip(starts, lengths)], dim=2))
+                torch.cat(outs).sum().backward()
+
+            times: dict[str, list[float]] = {"4-D mask": [], "per example": []}
+            for _ in range(rounds + 1):   # the first round warms up
+                for name, run in (("4-D mask", block_mask), ("per example", per_example)):
+                    started = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - started)
+            masked, loop = (statistics.median(t[1:]) * 1e3 for t in times.values())
+            print(f"  {str(dtype)[6:]:<9} batch {batch} heads {heads:>2} row {width:>4} examples ~{doc:>3}: "
+                  f"4-D mask {masked:8.1f} ms  per example {loop:8.1f} ms  ({loop / masked:.2f}x)")
 
 
 def _interleaved_train(common: list[str], layouts: dict[str, list[str]], rounds: int) -> dict[str, list[dict]]:

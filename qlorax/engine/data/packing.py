@@ -5,10 +5,11 @@ to earlier tokens of the same example (a block-diagonal causal mask, given to SD
 mask). Nothing is dropped: the examples are placed first-fit by decreasing length and the last,
 partial rows are padded like any unpacked batch.
 
-Why a 4-D mask and not a variable-length path: on this CPU (2 threads, torch 2.13) one SDPA call
-with the block mask ran forward + backward of B=4, 8-32 heads, 256 tokens in documents of ~50
-tokens 5-9x faster than a loop of causal SDPA calls per document, and 1.6x faster at 2048 tokens
-in documents of ~60 (bf16); the loop only won at long documents in fp32.
+Why a 4-D mask and not a variable-length path: on this CPU (2 threads, torch 2.13), forward +
+backward of one SDPA call with the block mask ran 7-9x faster (bf16) than a loop of one causal
+SDPA call per example for 256-token rows of ~50-token examples, 1.4-1.9x at 1024-2048 tokens, and
+about even only for long examples in fp32 (``python benchmarks/bench.py --packing`` prints it).
+SDPA takes a bool mask in its flash kernel, so nothing of size heads x tokens^2 is materialized.
 
 In a batch, the attention mask holds each token's document number (1, 2, ... in its row; 0 for
 padding) instead of 0/1: ``model_inputs`` turns it into the 4-D mask and the position ids.
