@@ -93,6 +93,13 @@ def test_the_tokenizers_own_template_is_used_and_named(caplog):
         _example(build_tokenizer(), compose(["data=chat", "data.chat_template=tokenizer"]).data)
 
 
+def test_a_named_template_whose_markers_the_vocabulary_lacks_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="qlorax"):
+        example = _example(build_tokenizer(), compose(["data=chat", "data.chat_template=chatml"]).data)
+    assert "the vocabulary has no <|im_start|> token" in caplog.text
+    assert [build_tokenizer().decode(r) for r in _runs(example)][0] == "twelve<|im_end|>"   # still masked exactly
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused():
     tokenizer = build_tokenizer()
     tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -126,6 +126,9 @@ def resolve_template(cfg: DataConfig, tokenizer) -> ChatTemplate:
             name = next((n for n, marker in MARKERS.items() if marker in vocab), "llama2")
             why = (f"the tokenizer has none; its vocabulary has {MARKERS[name]}" if name in MARKERS
                    else "the tokenizer has none and no ChatML / Llama 3 markers; Llama 2 chat needs only bos/eos")
+        if name in MARKERS and MARKERS[name] not in tokenizer.get_vocab():
+            log.warning("data.chat_template=%s: the vocabulary has no %s token, so the model learns the markers as "
+                        "plain text and generation stops only at eos", name, MARKERS[name])
         path = resources.files("qlorax.assets") / "chat_templates" / f"{name}.jinja"
         template = ChatTemplate(name, path.read_text(encoding="utf-8"), f"shipped {name} ({why})")
     log.info("chat template: %s", template.origin)
