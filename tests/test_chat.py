@@ -130,6 +130,7 @@ def test_verify_prompts_end_before_the_last_answer_with_the_generation_prompt():
     assert prompt.endswith("And 40?<|im_end|>\n<|im_start|>assistant\n") and "twelve<|im_end|>" in prompt
     (given,) = D.chat_prompts([], ["Spell 7."], cfg, tokenizer)
     assert given == "<|im_start|>user\nSpell 7.<|im_end|>\n<|im_start|>assistant\n"
+    assert D.chat_stop_ids(tokenizer) == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 BAD_ROWS = [

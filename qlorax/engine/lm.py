@@ -63,17 +63,19 @@ def perplexity(loss: float | None) -> float | None:
     return None if loss is None else math.exp(min(loss, 50.0))
 
 
-def generate(model, tokenizer, prompt: str, n_predict: int, precision: str, add_special_tokens: bool = True) -> dict:
+def generate(model, tokenizer, prompt: str, n_predict: int, precision: str, add_special_tokens: bool = True,
+             stop_ids: list[int] | None = None) -> dict:
     """Greedy continuation of ``prompt``: text, new tokens, seconds, tokens/s.
 
-    ``add_special_tokens=False`` for text that already holds them (a rendered chat template)."""
+    ``add_special_tokens=False`` for text that already holds them (a rendered chat template);
+    ``stop_ids`` end generation besides eos (a chat format's end-of-turn token)."""
     import torch
 
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
     started = time.perf_counter()
     with torch.no_grad(), autocast(precision):
         out = model.generate(**inputs, max_new_tokens=n_predict, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids or tokenizer.eos_token_id)
     seconds = time.perf_counter() - started
     new = out[0, inputs["input_ids"].shape[1]:]
     return {"text": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": int(new.numel()),

@@ -11,7 +11,7 @@ from typing import Any
 
 from qlorax import hardware
 from qlorax.engine import checkpoint
-from qlorax.engine.data import chat_prompts, prepare, render
+from qlorax.engine.data import chat_prompts, chat_stop_ids, prepare, render
 from qlorax.engine.lm import generate, held_out_loss, perplexity
 from qlorax.engine.model import load_tokenizer, resolve_model_path
 from qlorax.engine.quant import load_base_model
@@ -40,8 +40,8 @@ def verify(spec: RunSpec) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id
 
     def measure(model) -> tuple[list[dict], float | None]:
-        outputs = [generate(model, tokenizer, p, v.n_predict, precision, add_special_tokens=not is_chat)
-                   for p in prompts]
+        outputs = [generate(model, tokenizer, p, v.n_predict, precision, add_special_tokens=not is_chat,
+                            stop_ids=chat_stop_ids(tokenizer) if is_chat else None) for p in prompts]
         total, count = held_out_loss(model, held_out, spec.train.micro_batch_size, pad_id, precision, v.eval_batches)
         return outputs, (total / count if count else None)
 

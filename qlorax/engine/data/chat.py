@@ -31,6 +31,8 @@ DEFAULT_FIELDS = {"openai": ("messages", "role", "content"), "sharegpt": ("conve
 SHIPPED = ("chatml", "llama3", "llama2")
 # A shipped template is picked by `auto` when the vocabulary has its marker as one token.
 MARKERS = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}
+# End-of-turn tokens of common chat formats: generation stops at them as at eos.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 FIX = "fix or remove the row, or set data.skip_bad_rows=true to skip such rows"
 
 
@@ -202,3 +204,10 @@ def prompts(rows: list[dict], given: list[str], cfg: DataConfig, tokenizer) -> l
     template = resolve_template(cfg, tokenizer)
     turns = [[{"role": "user", "content": p}] for p in given] or [conversation(r, cfg)[:-1] for r in rows]
     return [render(t, template, tokenizer, generation_prompt=True) for t in turns]
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """eos and every end-of-turn token the vocabulary has: where a chat answer ends."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ids + [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
