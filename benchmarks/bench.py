@@ -4,6 +4,7 @@
     python benchmarks/bench.py            # full: TinyLlama-1.1B shape, batch 1 and 4, q/k/v and all-linear
     python benchmarks/bench.py --quick    # < 3 minutes: 4 layers of that shape, batch 1, q/k/v
     python benchmarks/bench.py --scaling  # qlorax train: 2 ranks x 1 thread vs 1 rank x 2 threads
+    python benchmarks/bench.py --packing  # qlorax train: padding share and useful tokens/s, unpacked vs packed
     make bench / make bench-quick
 
 Each backend runs in its own process (so peak RSS covers the whole process, load included):
@@ -206,14 +207,20 @@ def main() -> None:
     parser.add_argument("--backends", default=None, help="comma-separated: nf4,bf16,sym_int4")
     parser.add_argument("--scaling", action="store_true",
                         help="multi-process scaling through the real CLI: N ranks x 1 thread vs 1 rank x N threads")
+    parser.add_argument("--packing", action="store_true",
+                        help="packed attention (4-D mask vs per-example loop), then padding share and useful tokens/s "
+                             "through the real CLI: unpacked vs data.packing=true")
     parser.add_argument("--scaling-args", default="model=stories260k data=english_quotes",
-                        help="overrides for the --scaling runs")
+                        help="overrides for the --scaling and --packing runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     if args.scaling:
         return scaling(args.scaling_args.split(), rounds=args.rounds or 2)
+    if args.packing:
+        packed_attention(rounds=args.rounds or 5)
+        return packing(args.scaling_args.split(), rounds=args.rounds or 2)
 
     layers = 4 if args.quick else SHAPE_1B["num_hidden_layers"]
     rounds = args.rounds or (2 if args.quick else 3)
@@ -255,37 +262,109 @@ def main() -> None:
 
 def scaling(overrides: list[str], rounds: int) -> None:
     """tokens/s of `qlorax train` as N ranks x 1 thread and as 1 rank x N threads (N = usable CPUs), interleaved."""
-    import tempfile as tmp
-
     from qlorax import hardware
 
     cores = hardware.detect().physical_cores()
     n = len(cores)
-    assets = Path(os.environ.get("QLORAX_ASSETS", REPO.parent / "shared" / "assets"))
     common = [*overrides, "train.max_steps=40", "train.logging_steps=5", "train.eval_steps=1000", "train.save_steps=1000",
               f"train.batch_size={4 * n}", "train.micro_batch_size=4", "data.cutoff_len=128", "quiet=true"]
-    if "data=english_quotes" in overrides:
-        common.append(f"data.path={assets / 'data/english_quotes.jsonl'}")
     layouts = {f"1 rank x {n} threads": ["parallel=local", f"hardware.cores={cores}".replace(" ", "")],
                f"{n} ranks x 1 thread": ["parallel=ccl", f"workers={n}"]}
-    rates: dict[str, list[float]] = {name: [] for name in layouts}
-    with tmp.TemporaryDirectory() as work:
-        for r in range(rounds):
-            for name, extra in layouts.items():   # A B A B ...
-                run_dir = Path(work) / f"{r}-{len(rates[name])}-{name.split()[0]}"
-                cmd = [sys.executable, "-m", "qlorax", "train", *common, *extra, f"run_dir={run_dir}"]
-                done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-                if done.returncode:
-                    raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
-                records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                steady = [m["tokens_per_s"] for m in records[1:]]   # the first window includes warm-up
-                rates[name].append(statistics.median(steady))
+    rates = {name: [r["tokens_per_s"] for r in runs] for name, runs in _interleaved_train(common, layouts, rounds).items()}
     print(f"\nscaling on {hardware.describe(hardware.detect())}")
     print(f"qlorax train {' '.join(common)}")
     base = statistics.median(next(iter(rates.values())))
     for name, values in rates.items():
         med = statistics.median(values)
         print(f"  {name:<22} {med:8.0f} tokens/s  ({med / base:.2f}x)  rounds: {', '.join(f'{v:.0f}' for v in values)}")
+
+
+def packing(overrides: list[str], rounds: int) -> None:
+    """Padding share and useful (non-padding) tokens/s of `qlorax train` unpacked vs data.packing=true, interleaved."""
+    from qlorax import hardware
+
+    common = [*overrides, "train.max_steps=40", "train.logging_steps=5", "train.eval_steps=1000", "train.save_steps=1000",
+              "train.batch_size=4", "train.micro_batch_size=4", "quiet=true"]
+    layouts = {"unpacked": ["data.packing=false"], "packed": ["data.packing=true"]}
+    runs = _interleaved_train(common, layouts, rounds)
+    print(f"\npacking on {hardware.describe(hardware.detect())}")
+    print(f"qlorax train {' '.join(common)}")
+    base = statistics.median(r["tokens_per_s"] for r in runs["unpacked"])
+    for name, results in runs.items():
+        rate = statistics.median(r["tokens_per_s"] for r in results)
+        share = statistics.median(r["padding_share"] for r in results)
+        each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in results)
+        print(f"  {name:<10} padding {100 * share:5.1f}%  {rate:8.0f} useful tokens/s  ({rate / base:.2f}x)  rounds: {each}")
+
+
+def packed_attention(rounds: int) -> None:
+    """Packed rows' attention, forward + backward: one SDPA call with the block-diagonal 4-D bool mask
+    (what qlorax runs) vs a variable-length loop of one causal SDPA call per example, interleaved."""
+    import torch
+    import torch.nn.functional as F
+
+    from qlorax.engine.data import model_inputs
+
+    print(f"packed attention (forward + backward), {torch.get_num_threads()} threads; median of {rounds} rounds")
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        for batch, heads, width, doc in ((4, 8, 256, 50), (4, 32, 256, 50), (1, 32, 1024, 200), (1, 32, 2048, 60)):
+            rows = []
+            for _ in range(batch):
+                lengths, left = [], width
+                while left > 0:
+                    lengths.append(min(left, int(torch.randint(doc // 2, doc * 3 // 2, (), generator=generator))))
+                    left -= lengths[-1]
+                rows.append(lengths)
+            numbers = torch.stack([torch.repeat_interleave(torch.arange(1, len(r) + 1), torch.tensor(r)) for r in rows])
+            mask = model_inputs(torch.zeros_like(numbers), numbers)["attention_mask"]
+            q, k, v = (torch.randn(batch, heads, width, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+
+            def block_mask():
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+
+            def per_example():
+                outs = []
+                for b, lengths in enumerate(rows):
+                    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+                    outs.append(torch.cat([F.scaled_dot_product_attention(q[b:b + 1, :, s:s + n], k[b:b + 1, :, s:s + n],
+                                                                          v[b:b + 1, :, s:s + n], is_causal=True)
+                                           for s, n in zip(starts, lengths)], dim=2))
+                torch.cat(outs).sum().backward()
+
+            times: dict[str, list[float]] = {"4-D mask": [], "per example": []}
+            for _ in range(rounds + 1):   # the first round warms up
+                for name, run in (("4-D mask", block_mask), ("per example", per_example)):
+                    started = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - started)
+            masked, loop = (statistics.median(t[1:]) * 1e3 for t in times.values())
+            print(f"  {str(dtype)[6:]:<9} batch {batch} heads {heads:>2} row {width:>4} examples ~{doc:>3}: "
+                  f"4-D mask {masked:8.1f} ms  per example {loop:8.1f} ms  ({loop / masked:.2f}x)")
+
+
+def _interleaved_train(common: list[str], layouts: dict[str, list[str]], rounds: int) -> dict[str, list[dict]]:
+    """Run `qlorax train` per layout in rounds (A B A B ...); per run: the median useful tokens/s of the
+    logged windows after the first (which includes warm-up) and the run's padding share."""
+    import tempfile as tmp
+
+    assets = Path(os.environ.get("QLORAX_ASSETS", REPO.parent / "shared" / "assets"))
+    if "data=english_quotes" in common:
+        common = [*common, f"data.path={assets / 'data/english_quotes.jsonl'}"]
+    runs: dict[str, list[dict]] = {name: [] for name in layouts}
+    with tmp.TemporaryDirectory() as work:
+        for r in range(rounds):
+            for name, extra in layouts.items():
+                run_dir = Path(work) / f"{r}-{len(runs[name])}-{name.split()[0]}"
+                cmd = [sys.executable, "-m", "qlorax", "train", *common, *extra, f"run_dir={run_dir}"]
+                done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+                records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                summary = json.loads((run_dir / "train_summary.json").read_text())
+                runs[name].append({"tokens_per_s": statistics.median(m["tokens_per_s"] for m in records[1:]),
+                                   "padding_share": summary.get("padding_share")})
+    return runs
 
 
 def _commit() -> str:

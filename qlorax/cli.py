@@ -204,7 +204,7 @@ def prepare_run_dir(spec) -> None:
 
 def check_inputs(spec) -> None:
     """Model directory and data rows are checked here, once, before any rank or pod starts."""
-    from qlorax.engine.data import check_fields, data_source, read_rows
+    from qlorax.engine.data import check_rows, data_source, read_rows
     from qlorax.engine.model import check_model_path, check_vocab_fits
 
     if spec.parallel.launcher == "k8s":
@@ -213,7 +213,7 @@ def check_inputs(spec) -> None:
     if data_source(spec.data)[1] == "hub":
         return   # fetched by the ranks themselves
     rows, source = read_rows(spec.data)
-    check_fields(rows, spec.data, source)
+    check_rows(rows, spec.data, source)
 
 
 def _stage_on_run_dir(command: str, args: list[str]) -> int:

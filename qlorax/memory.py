@@ -110,10 +110,13 @@ def estimate(spec: RunSpec) -> Estimate:
     else:                          # saved inputs of linears, fp32 norm inputs, the MLP's three products
         per_layer_token = act * (10 * h + 4 * inter + 2 * kv * head_dim)
     attention = act * spec.train.micro_batch_size * heads * spec.data.cutoff_len ** 2 if not half else 0
+    # data.packing: one block-diagonal bool mask per micro-batch, shared by every layer (SDPA's flash
+    # kernel takes it as it is, so nothing of that size per head)
+    packing_mask = spec.train.micro_batch_size * spec.data.cutoff_len ** 2 if spec.data.packing else 0
     if spec.train.gradient_checkpointing:
-        activations = layers * tokens * h * act + tokens * per_layer_token + attention
+        activations = layers * tokens * h * act + tokens * per_layer_token + attention + packing_mask
     else:
-        activations = layers * (tokens * per_layer_token + attention)
+        activations = layers * (tokens * per_layer_token + attention) + packing_mask
     if spec.train.lean_kernels:   # chunks of at most 2^21 fp32 logits and their softmax; the head's input gradient
         logits = min(tokens * vocab, 2**21) * (4 + 4) + tokens * h * act
     else:                          # logits, fp32 copy, its gradient

@@ -76,7 +76,7 @@ class QuantConfig(_Freezable):
 class DataConfig(_Freezable):
     name: str = opt("sample", help="short name of the dataset, used in logs")
     path: str = opt("builtin:sample", help="local json/jsonl/csv/parquet file, a datasets.save_to_disk directory, "
-                                           "or a hub id; 'builtin:sample' is the shipped demo data")
+                                           "or a hub id; 'builtin:sample' and 'builtin:chat' are the shipped demo data")
     format: str = opt("auto", help="file format; auto guesses from the extension",
                       choices=("auto", "json", "jsonl", "csv", "parquet", "disk", "hub"))
     split: str = opt("train", help="split to read for datasets directories and hub ids")
@@ -87,10 +87,27 @@ class DataConfig(_Freezable):
     train_on_inputs: bool = opt(True, help="compute the loss on the prompt tokens too; false masks them")
     add_eos_token: bool = opt(True, help="append the end-of-sequence token after the answer")
     cutoff_len: int = opt(256, help="maximum tokens per example; longer ones are truncated and counted", ge=8)
-    packing: bool = opt(False, help="concatenate examples into full cutoff_len blocks")
+    packing: bool = opt(False, help="place several whole examples in each row of up to cutoff_len tokens; each "
+                                    "attends only to itself (positions restart, block-diagonal mask), none is dropped")
     val_set_size: float = opt(0.05, help="held-out rows: a count (>= 1) or a fraction (< 1); 0 disables eval", ge=0)
     max_rows: Optional[int] = opt(None, help="use only the first N rows (smoke tests)", ge=1)
     shuffle_seed: int = opt(42, help="seed of the train/eval split and of the sample order")
+    # Conversations (data=chat): rows hold a list of messages instead of prompt/response fields.
+    chat_format: str = opt("none", help="rows are conversations: openai (messages: [{role, content}], roles "
+                                        "system/user/assistant) or sharegpt (conversations: [{from, value}], from "
+                                        "system/human/gpt); none uses the prompt/response templates",
+                           choices=("none", "openai", "sharegpt"))
+    messages_field: Optional[str] = opt(None, help="row field holding the message list; null: messages (openai), "
+                                                   "conversations (sharegpt)")
+    role_field: Optional[str] = opt(None, help="message field naming the speaker; null: role (openai), from (sharegpt)")
+    content_field: Optional[str] = opt(None, help="message field holding the text; null: content (openai), "
+                                                  "value (sharegpt)")
+    chat_template: str = opt("auto", help="how conversations become text: auto uses the tokenizer's own chat "
+                                          "template, else the shipped one whose markers the vocabulary has (chatml, "
+                                          "llama3) or llama2 (needs only bos/eos); tokenizer insists on its own",
+                             choices=("auto", "tokenizer", "chatml", "llama3", "llama2"))
+    skip_bad_rows: bool = opt(False, help="skip and count malformed conversations (missing or unknown role, empty, "
+                                          "ending on a user turn) instead of stopping with the row named")
 
 
 @dataclass

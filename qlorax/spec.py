@@ -254,7 +254,7 @@ def _cross_problems(spec: RunSpec, out_of_range: frozenset[str] = frozenset()) -
     if spec.model.max_seq_len is not None and d.cutoff_len > spec.model.max_seq_len:
         p.append(Problem("data.cutoff_len", f"{d.cutoff_len} exceeds model.max_seq_len={spec.model.max_seq_len}",
                          f"data.cutoff_len={spec.model.max_seq_len}"))
-    if "{" not in d.prompt + d.response:
+    if d.chat_format == "none" and "{" not in d.prompt + d.response:
         p.append(Problem("data.prompt", "the templates reference no {field} of the data rows",
                          'data.prompt="{question} ->: " data.response="{answer}"'))
     for name in ("prompt", "prompt_when_empty", "response"):
@@ -263,6 +263,9 @@ def _cross_problems(spec: RunSpec, out_of_range: frozenset[str] = frozenset()) -
             err = _template_error(template)
             if err:
                 p.append(Problem(f"data.{name}", f"bad template: {err}", f'data.{name}="... {{field}} ..." (double braces for a literal brace)'))
+    if d.chat_format == "none" and (d.chat_template != "auto" or d.skip_bad_rows or d.messages_field):
+        p.append(Problem("data.chat_format", "data.chat_template / data.skip_bad_rows / data.messages_field apply "
+                         "to conversations only", "data=chat (or data.chat_format=openai|sharegpt)"))
     bad_stages = [s for s in spec.stages if s not in ("train", "merge", "verify")]
     if bad_stages:
         p.append(Problem("stages", f"unknown stage(s) {bad_stages}", "stages=[train,merge,verify]"))

@@ -101,11 +101,6 @@ def test_tokenization_is_cached_in_the_run_directory(tokenizer, tmp_path, monkey
     assert [e.input_ids for e in second.train] == [e.input_ids for e in first.train]
 
 
-def test_packing_fills_blocks(tokenizer):
-    prepared = D.prepare(compose(["data.packing=true", "data.cutoff_len=32"]), tokenizer)
-    assert all(len(e.input_ids) == 32 for e in prepared.train)
-
-
 def test_ranks_split_each_global_batch_without_overlap():
     single = D.rank_micro_batches(5, 8, 4, 0, 1, n_train=100, seed=3)
     ranks = [D.rank_micro_batches(5, 8, 2, r, 2, n_train=100, seed=3) for r in (0, 1)]

@@ -143,6 +143,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
     last_loss, eval_loss = float("nan"), initial_eval
     step = start_step
+    run_tokens = {"useful": 0, "computed": 0, "time": 0.0}   # padding share and useful-token rate of this session
 
     def save(at: int) -> None:
         state = {"step": at, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -155,7 +156,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
         while step < total_steps:
             started = time.perf_counter()
             target_tokens = global_target_tokens(step, global_batch, data.train, spec.data.shuffle_seed)
-            step_loss, step_tokens = 0.0, 0
+            step_loss, step_tokens, step_computed = 0.0, 0, 0
             for indices in rank_micro_batches(step, global_batch, micro, world.rank, world.size,
                                               n_train, spec.data.shuffle_seed):
                 ids, mask, labels = collate([data.train[i] for i in indices], pad_id)
@@ -164,16 +165,21 @@ def train(spec: RunSpec) -> dict[str, Any]:
                 (summed / target_tokens).backward()
                 step_loss += float(summed.detach())
                 del summed   # its spent graph would pin ~180 MiB of heap through the next forward (1.1B shape)
-                step_tokens += int(mask.sum())
+                step_tokens += int((mask > 0).sum())   # packed rows hold document numbers, padding 0
+                step_computed += ids.numel()
             distributed.sum_gradients(params, world)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)) if t.max_grad_norm > 0 else 0.0
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss, step_tokens = distributed.all_reduce_sum([step_loss, step_tokens], world)
+            step_loss, step_tokens, step_computed = distributed.all_reduce_sum([step_loss, step_tokens, step_computed],
+                                                                               world)
             step += 1
             last_loss = step_loss / target_tokens
             elapsed = time.perf_counter() - started
+            run_tokens["useful"] += step_tokens
+            run_tokens["computed"] += step_computed
+            run_tokens["time"] += elapsed
             window = {"loss": window["loss"] + last_loss, "steps": window["steps"] + 1,
                       "tokens": window["tokens"] + step_tokens, "time": window["time"] + elapsed}
             lr = scheduler.get_last_lr()[0]
@@ -222,12 +228,18 @@ def train(spec: RunSpec) -> dict[str, Any]:
                "unquantized_linear_layers": unquantized,
                "peak_rss_mib": round(peak_rss_mib(), 1), "data": data.stats,
                "tokens_per_s": _mean_rate(paths) if world.is_main else None,
+               "useful_tokens_per_s": run_tokens["useful"] / run_tokens["time"] if run_tokens["time"] else None,
+               "padding_share": 1 - run_tokens["useful"] / run_tokens["computed"] if run_tokens["computed"] else None,
+               "packing": spec.data.packing,
                "checkpoint": str(paths.checkpoint(step))}
     if world.is_main:
         paths.train_summary.write_text(json.dumps(summary, indent=1))
         runstatus.write(paths, "finished", "train", step=step, total_steps=total_steps)
         log.info("train: done, %d steps, final loss %.4f, eval loss %s -> %s; adapter in %s", step, last_loss,
                  _fmt(initial_eval), _fmt(eval_loss), paths.checkpoint(step))
+        if run_tokens["computed"]:
+            log.info("tokens: %.1f%% of the computed positions were padding (data.packing=%s); %.0f useful tokens/s",
+                     100 * summary["padding_share"], str(spec.data.packing).lower(), summary["useful_tokens_per_s"])
     distributed.shutdown(world)
     return summary
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from qlorax import hardware
 from qlorax.engine import checkpoint
-from qlorax.engine.data import prepare, render
+from qlorax.engine.data import chat_prompts, chat_stop_ids, prepare, render
 from qlorax.engine.lm import generate, held_out_loss, perplexity
 from qlorax.engine.model import load_tokenizer, resolve_model_path
 from qlorax.engine.quant import load_base_model
@@ -30,13 +30,18 @@ def verify(spec: RunSpec) -> dict[str, Any]:
     model_path = resolve_model_path(spec)
     tokenizer = load_tokenizer(spec, model_path)
     data = prepare(spec, tokenizer, paths)
-    prompts = list(v.prompts) or [render(row, spec.data, with_response=False)[0]
-                                  for row in data.eval_rows[: v.num_prompts]]
+    is_chat = spec.data.chat_format != "none"
+    if is_chat:   # the way the model will be used: through its chat template, ending with the generation prompt
+        prompts = chat_prompts(data.eval_rows[: v.num_prompts], list(v.prompts), spec.data, tokenizer)
+    else:
+        prompts = list(v.prompts) or [render(row, spec.data, with_response=False)[0]
+                                      for row in data.eval_rows[: v.num_prompts]]
     held_out = data.eval or data.train[: spec.train.micro_batch_size * v.eval_batches]
     pad_id = tokenizer.pad_token_id
 
     def measure(model) -> tuple[list[dict], float | None]:
-        outputs = [generate(model, tokenizer, p, v.n_predict, precision) for p in prompts]
+        outputs = [generate(model, tokenizer, p, v.n_predict, precision, add_special_tokens=not is_chat,
+                            stop_ids=chat_stop_ids(tokenizer) if is_chat else None) for p in prompts]
         total, count = held_out_loss(model, held_out, spec.train.micro_batch_size, pad_id, precision, v.eval_batches)
         return outputs, (total / count if count else None)
 

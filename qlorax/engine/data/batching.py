@@ -6,6 +6,7 @@ can compute exactly which examples a step uses.
 from __future__ import annotations
 
 from qlorax.engine.data.examples import IGNORE_INDEX, Example
+from qlorax.engine.data.packing import document_numbers
 
 
 def stream_index(position: int, n_train: int, seed: int) -> int:
@@ -47,7 +48,10 @@ def global_target_tokens(step: int, global_batch: int, examples: list[Example], 
 
 
 def collate(batch: list[Example], pad_id: int):
-    """Right-padded tensors: input_ids, attention_mask, labels (padding masked)."""
+    """Right-padded tensors: input_ids, attention_mask, labels (padding masked).
+
+    The attention mask is 0 on padding and, on tokens, the number of their document in the row:
+    1 everywhere unless the row is packed (``packing.model_inputs`` reads it)."""
     import torch
 
     width = max(len(e.input_ids) for e in batch)
@@ -58,5 +62,5 @@ def collate(batch: list[Example], pad_id: int):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
+        mask[row, :n] = torch.tensor(document_numbers(e))
     return ids, mask, labels

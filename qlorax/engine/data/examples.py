@@ -14,6 +14,7 @@ IGNORE_INDEX = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    segments: tuple[int, ...] = ()   # token counts of the examples packed into this one (packing.pack)
 
 
 @dataclass

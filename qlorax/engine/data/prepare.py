@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from qlorax.engine.data.chat import check_conversations, encoder
 from qlorax.engine.data.coverage import check_signal
 from qlorax.engine.data.examples import IGNORE_INDEX, Example, PreparedData, split_sizes, tokenize
 from qlorax.engine.data.packing import pack
@@ -24,9 +25,15 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
 
     cfg = spec.data
     rows, source = read_rows(cfg)
-    check_fields(rows, cfg, source)
-    no_signal = check_signal(rows, cfg, source)
-    key = _cache_key(cfg, source, tokenizer)
+    rows, skipped = check_rows(rows, cfg, source)
+    no_signal = check_signal(rows, cfg, source) if cfg.chat_format == "none" else {}
+    template = None
+    if cfg.chat_format != "none":
+        template, encode = encoder(cfg, tokenizer, rows, source)
+    else:
+        def encode(row: dict) -> tuple[Example, bool]:
+            return tokenize(*render(row, cfg), tokenizer, cfg)
+    key = _cache_key(cfg, source, tokenizer, template.text if template else "")
     cache = paths.data_cache / f"{key}.pt" if paths else None
     n_eval = split_sizes(len(rows), cfg.val_set_size, source)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.shuffle_seed)).tolist()
@@ -39,33 +46,51 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
     truncated = 0
     examples = []
     for row in rows:
-        example, cut = tokenize(*render(row, cfg), tokenizer, cfg)
+        example, cut = encode(row)
         truncated += cut
         examples.append(example)
     train = [examples[i] for i in train_idx]
     evals = [examples[i] for i in eval_idx]
     if cfg.packing:
+        n_examples = len(train)
         train = pack(train, cfg.cutoff_len)
+        fill = sum(len(e.input_ids) for e in train) / max(1, len(train) * cfg.cutoff_len)
+        log.info("packing: %d examples into %d rows of at most %d tokens (%.0f%% filled); each example attends "
+                 "only to itself", n_examples, len(train), cfg.cutoff_len, 100 * fill)
     trainable = [e for e in train if any(label != IGNORE_INDEX for label in e.labels)]
     if not trainable:
         raise QloraxError(f"data: no training example has answer tokens left after truncation to "
                           f"data.cutoff_len={cfg.cutoff_len}; raise data.cutoff_len")
     stats = {"rows": len(rows), "train_examples": len(train), "eval_examples": len(evals), "truncated": truncated,
              "source": source, "train_tokens": sum(len(e.input_ids) for e in train), **no_signal}
+    if template is not None:
+        stats.update(chat_template=template.name, skipped_rows=skipped)
     if truncated:
         log.warning("data: %d of %d rows are longer than data.cutoff_len=%d tokens and were truncated "
                     "(raise data.cutoff_len to keep them whole)", truncated, len(rows), cfg.cutoff_len)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"train": [(e.input_ids, e.labels) for e in train],
+        torch.save({"train": [(e.input_ids, e.labels, e.segments) for e in train],
                     "eval": [(e.input_ids, e.labels) for e in evals], "stats": stats}, tmp)
         tmp.replace(cache)
     return PreparedData(train, evals, [rows[i] for i in eval_idx], stats)
 
 
-def _cache_key(cfg: DataConfig, source: str, tokenizer) -> str:
+def check_rows(rows: list[dict], cfg: DataConfig, source: str) -> tuple[list[dict], int]:
+    """The rows to train on and how many bad ones were skipped (conversations with data.skip_bad_rows);
+    any other bad row raises, naming the row, the file and the fix."""
+    if cfg.chat_format != "none":
+        return check_conversations(rows, cfg, source)
+    check_fields(rows, cfg, source)
+    return rows, 0
+
+
+def _cache_key(cfg: DataConfig, source: str, tokenizer, chat_template: str) -> str:
     h = hashlib.sha256()
+    h.update(chat_template.encode())
+    if cfg.packing:
+        h.update(b"packing with document boundaries")   # caches of the old, leaking packing are not reused
     h.update(json.dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, default=str, sort_keys=True).encode())
     location = Path(source)
     if location.is_file():

@@ -15,9 +15,13 @@ from qlorax.schema import DataConfig
 
 
 def data_source(cfg: DataConfig) -> tuple[str, str]:
-    """(location, format) with 'builtin:sample' and 'auto' resolved."""
-    if cfg.path == "builtin:sample":
-        return str(resources.files("qlorax.assets") / "sample.jsonl"), "jsonl"
+    """(location, format) with 'builtin:NAME' (sample, chat) and 'auto' resolved."""
+    if cfg.path.startswith("builtin:"):
+        shipped = resources.files("qlorax.assets") / f"{cfg.path.split(':', 1)[1]}.jsonl"
+        if not shipped.is_file():
+            raise QloraxError(f"data.path: {cfg.path} is not shipped data; use builtin:sample, builtin:chat "
+                              "or a local file")
+        return str(shipped), "jsonl"
     path = Path(cfg.path).expanduser()
     fmt = cfg.format
     if fmt == "auto":
