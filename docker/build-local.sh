@@ -10,6 +10,8 @@
 #   docker/build-local.sh --local-base --wheels DIR  torch from the CPU wheel in DIR (bind-mounted into
 #                                                    the build), its dependencies and qlorax's from PyPI
 #   docker/build-local.sh --no-k8s                   the standalone image only
+#   docker/build-local.sh --ca-bundle FILE           pip in the build trusts FILE (a TLS-intercepting proxy's
+#                                                    CA); default: this machine's PIP_CERT when set
 #
 # Environment: STORAGE_DRIVER (default vfs: works on any file system, overlay is faster where the
 # kernel allows it), TAG (default qlorax:latest), K8S_TAG (default qlorax-k8s:latest),
@@ -22,13 +24,14 @@ TAG=${TAG:-qlorax:latest}
 K8S_TAG=${K8S_TAG:-qlorax-k8s:latest}
 BASE_TAG=${BASE_TAG:-localhost/qlorax-base:bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-local_base=0 wheels="" k8s_image=1
+local_base=0 wheels="" k8s_image=1 ca_bundle=${PIP_CERT:-}
 while [ $# -gt 0 ]; do
     case "$1" in
         --local-base) local_base=1 ;;
         --wheels) wheels=$(cd "$2" && pwd); shift ;;
         --no-k8s) k8s_image=0 ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        --ca-bundle) ca_bundle=$(realpath "$2"); shift ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "build-local.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -61,6 +64,9 @@ if [ "$local_base" = 1 ]; then
         bah commit --rm "$container" "$BASE_TAG" >/dev/null
     fi
     build_args+=(--build-arg "BASE_IMAGE=$BASE_TAG")
+fi
+if [ -n "$ca_bundle" ]; then
+    build_args+=(--volume "$ca_bundle:/run/qlorax-ca-bundle.crt:ro" --build-arg PIP_CERT=/run/qlorax-ca-bundle.crt)
 fi
 if [ -n "$wheels" ]; then
     build_args+=(--volume "$wheels:/opt/qlorax-wheels:ro" --build-arg TORCH_WHEELS=/opt/qlorax-wheels
