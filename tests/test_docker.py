@@ -168,6 +168,14 @@ def test_standalone_maps_mounts_and_worker_count(entry):
                     f"run_dir={root}/outputs/demo", "parallel=ccl", "workers=2"]
 
 
+def test_standalone_overrides_without_a_command_run(entry):
+    mounts(entry.root, model=False, outputs=False)
+    rc, argv, _ = entry("data=english_quotes", "train.max_steps=4", STANDALONE_DOCKER="TRUE", WORKER_COUNT_DOCKER="2")
+    assert (rc, argv) == (0, ["run", "data=english_quotes", "train.max_steps=4", "parallel=ccl", "workers=2"])
+    # Not standalone: qlorax gets the overrides as they are (and says a command is missing).
+    assert entry("data=english_quotes")[:2] == (0, ["data=english_quotes"])
+
+
 def test_one_worker_needs_no_parallel_launcher(entry):
     mounts(entry.root, model=False, outputs=False)
     rc, argv, _ = entry("train", "model=tiny", STANDALONE_DOCKER="TRUE", WORKER_COUNT_DOCKER="1")
