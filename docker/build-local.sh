@@ -73,6 +73,9 @@ if [ -n "$wheels" ]; then
                  --build-arg TORCH_INDEX=)
 fi
 
+# The images these tags name now: removed once rebuilt, so that rebuilding does not pile up full copies.
+previous=$(for tag in "$TAG" "$K8S_TAG"; do bah images --quiet --no-trunc "$tag" 2>/dev/null || true; done)
+
 # Docker reads <Dockerfile>.dockerignore; buildah 1.28 reads only the context's .dockerignore,
 # so each build gets its own ignore file explicitly.
 say "building $TAG"
@@ -83,4 +86,7 @@ if [ "$k8s_image" = 1 ]; then
     bah bud --isolation chroot --layers=false --pull=false --ignorefile docker/Dockerfile.k8s.dockerignore \
         --build-arg "BASE_IMAGE=$TAG" -f docker/Dockerfile.k8s -t "$K8S_TAG" .
 fi
+for image in $previous; do
+    bah rmi "$image" >/dev/null 2>&1 || true      # still tagged or used: kept
+done
 say "done: $(bah images --format '{{.Name}}:{{.Tag}} {{.Size}}' | grep -E "qlorax(-k8s)?:" | tr '\n' ' ')"
