@@ -40,7 +40,7 @@ def buildah(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def images() -> None:
     """Both images, built once per test session from this checkout."""
     if shutil.which("buildah") is None:
-        pytest.fail("buildah is not installed: apt-get install buildah mmdebstrap (.ci/run and make docker-test say how)")
+        pytest.fail("buildah is not installed: apt-get install buildah mmdebstrap (`make docker-test` does)")
     if os.environ.get("QLORAX_DOCKER_REUSE") == "1":
         return
     options = shlex.split(os.environ.get("QLORAX_DOCKER_BUILD", "--local-base"))
