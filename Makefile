@@ -12,7 +12,7 @@ ARGS ?=
 ASSETS ?= $(abspath ../shared/assets)
 export QLORAX_ASSETS ?= $(ASSETS)
 
-.PHONY: help install demo test test-fast train run merge verify plan runs bench bench-quick install-bigdl test-bigdl docker-build clean
+.PHONY: help install demo test test-fast train run merge verify plan runs bench bench-quick install-bigdl test-bigdl docker-build docker-test clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -83,6 +83,15 @@ test-bigdl: install-bigdl ## the bigdl backend's tests, in .venv-bigdl
 docker-build: ## build the standalone and k8s images (needs a Docker engine)
 	docker build -f docker/Dockerfile -t qlorax:latest .
 	docker build -f docker/Dockerfile.k8s -t qlorax-k8s:latest .
+
+# Without a Docker engine: buildah (chroot isolation, vfs storage) on a Debian base made by mmdebstrap, with
+# torch from a local CPU wheel folder where pip has one (PIP_FIND_LINKS), else from the CPU wheel index.
+TORCH_WHEELS ?= $(firstword $(PIP_FIND_LINKS))
+DOCKER_BUILD_OPTS ?= --local-base $(if $(TORCH_WHEELS),--wheels $(TORCH_WHEELS))
+
+docker-test: install ## build both images without a daemon (buildah + mmdebstrap, root) and run qlorax in them
+	@command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || { apt-get update -q && apt-get install -y -q buildah mmdebstrap; }
+	QLORAX_DOCKER_TEST=1 QLORAX_DOCKER_BUILD="$(DOCKER_BUILD_OPTS)" $(PY) -m pytest -q -m docker tests/test_docker_image.py $(ARGS)
 
 clean: ## remove outputs and caches (not the venvs)
 	rm -rf outputs multirun .pytest_cache

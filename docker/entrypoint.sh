@@ -26,7 +26,7 @@
 #   templates still come from the overrides (e.g. data=english_quotes or data=local data.prompt=...).
 #
 # STANDALONE_DOCKER=TRUE (as in the reference images): this container is the whole job.
-#   No COMMAND runs `run` (train -> merge -> verify), and WORKER_COUNT_DOCKER=N with N > 1 adds
+#   No COMMAND (no argument, or overrides only) runs `run` (train -> merge -> verify), and WORKER_COUNT_DOCKER=N with N > 1 adds
 #   `parallel=ccl workers=N` (N ranks in this container, oneCCL when installed, else gloo).
 #   Without STANDALONE_DOCKER=TRUE, WORKER_COUNT_DOCKER is ignored (with a notice), as in the reference.
 #
@@ -77,6 +77,17 @@ fi
 if [ "${1:-}" = "qlorax" ]; then
     shift
 fi
+
+# Overrides with no command in front (`IMAGE data=english_quotes`, as the README shows): the standalone
+# container runs them as `run`; otherwise qlorax itself says a command is missing.
+case "${1:-}" in
+    -*) ;;
+    *=*)
+        if [ "$standalone" = true ]; then
+            set -- run "$@"
+        fi
+        ;;
+esac
 
 if [ $# -eq 0 ]; then
     if [ "$standalone" = true ]; then
