@@ -9,13 +9,14 @@
 
 train/run accept Hydra's flags too: --help, --cfg job, -m (sweeps, one run directory per job).
 Bad configuration exits with code 2 and every problem listed, before anything heavy is imported.
+Any other failure exits with code 1 and one line naming the log file that holds its traceback.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from qlorax.errors import QloraxError
+from qlorax.errors import QloraxError, record_unexpected
 
 COMMANDS = ("train", "run", "merge", "verify", "plan", "runs")
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp", "--config-name",
@@ -52,6 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except Exception as exc:   # a bug or a broken install: one line here, the traceback in the run's log
+        _error(record_unexpected(exc, f"`qlorax {command}`", _run_log(rest)))
+        return 1
+
+
+def _run_log(args: list[str]) -> Path | None:
+    """The log file of the run directory named by ``run_dir=`` when that directory exists."""
+    from qlorax.paths import RunPaths
+
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    return RunPaths(run_dirs[0]).log if run_dirs and Path(run_dirs[0]).is_dir() else None
 
 
 def _error(message: str) -> None:
@@ -117,6 +129,12 @@ def _hydra_command(command: str, args: list[str]) -> int:
         except QloraxError as exc:
             _error(str(exc))
             sys.exit(exc.exit_code)
+        except Exception as exc:   # caught here, or Hydra would print the traceback itself
+            from qlorax.paths import RunPaths
+
+            log_file = RunPaths(HydraConfig.get().runtime.output_dir).log
+            _error(record_unexpected(exc, f"`qlorax {command}`", log_file))
+            sys.exit(1)
 
     saved_argv = sys.argv
     sys.argv = [f"qlorax {command}"] + flags + force_dict_overrides(overrides)
