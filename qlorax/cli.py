@@ -13,6 +13,7 @@ Any other failure exits with code 1 and one line naming the log file that holds 
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -176,29 +177,63 @@ def execute(command: str, spec) -> dict:
 def prepare_run_dir(spec) -> None:
     """Write spec.yaml; refuse a run directory that belongs to a different spec."""
     from qlorax.memory import check_fits
-    from qlorax.paths import RunPaths
+    from qlorax.paths import RunPaths, read_json
     from qlorax.spec import identity_diff
     from qlorax.specfile import load_spec, lookup, save_spec
 
     paths = RunPaths(spec.run_dir)
     check_inputs(spec)
+    inputs = _input_digests(spec)
     if paths.spec.is_file():
         old = load_spec(paths.spec)
         changed = identity_diff(old, spec)
         if changed:
-            raise QloraxError(f"run_dir {paths.root} belongs to a different run: {', '.join(changed)} changed "
-                              f"(e.g. {changed[0]}: {lookup(old, changed[0])!r} -> {lookup(spec, changed[0])!r}); "
-                              "use a new run_dir, or the original settings to resume it")
+            shown = "; ".join(f"{key}: {lookup(old, key)!r} -> {lookup(spec, key)!r}" for key in changed[:8])
+            raise QloraxError(f"run_dir {paths.root} belongs to a different run: {len(changed)} setting(s) changed "
+                              f"({shown}{'; ...' if len(changed) > 8 else ''}); use a new run_dir, or the original "
+                              "settings to resume it")
         if spec.resume == "never" and paths.checkpoint_dirs():
             raise QloraxError(f"run_dir {paths.root} already has checkpoints and resume=never: continue it with "
                               "resume=auto, or start over in a new run_dir")
+        trained_on = read_json(paths.inputs)
+        moved = [k for k in inputs if trained_on.get(k) not in (None, inputs[k])]
+        if moved and paths.checkpoint_dirs():
+            raise QloraxError(f"run_dir {paths.root}: the content of {' and '.join(moved)} ("
+                              f"{', '.join(lookup(spec, k) for k in moved)}) changed since its checkpoints were "
+                              "trained; resuming would mix two inputs in one adapter. Restore the original files, or "
+                              "train on the new ones in a new run_dir")
     check_fits(spec)
     save_spec(spec, paths.spec)
+    paths.inputs.write_text(json.dumps(inputs, indent=1))
+
+
+def _input_digests(spec) -> dict[str, str]:
+    """Digests of the local data file (its bytes) and model directory (config.json, weight names and sizes)."""
+    import hashlib
+
+    from qlorax.engine.data import data_source
+
+    digests = {}
+    if spec.parallel.launcher == "k8s":
+        return digests   # paths refer to the cluster's volume
+    location, fmt = data_source(spec.data)
+    if fmt != "hub":
+        h = hashlib.sha256()
+        for f in sorted(p for p in [Path(location), *Path(location).rglob("*")] if p.is_file()):
+            h.update(f.name.encode() + f.read_bytes())
+        digests["data.path"] = h.hexdigest()
+    model = Path(spec.model.path).expanduser()
+    if (model / "config.json").is_file():
+        h = hashlib.sha256((model / "config.json").read_bytes())
+        for f in sorted(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        digests["model.path"] = h.hexdigest()
+    return digests
 
 
 def check_inputs(spec) -> None:
     """Model directory and data rows are checked here, once, before any rank or pod starts."""
-    from qlorax.engine.data import check_fields, data_source, read_rows
+    from qlorax.engine.data import check_fields, data_source, read_rows, split_sizes
     from qlorax.engine.model import check_model_path
 
     if spec.parallel.launcher == "k8s":
@@ -208,6 +243,7 @@ def check_inputs(spec) -> None:
         return   # fetched by the ranks themselves
     rows, source = read_rows(spec.data)
     check_fields(rows, spec.data, source)
+    split_sizes(len(rows), spec.data.val_set_size, source)
 
 
 def _stage_on_run_dir(command: str, args: list[str]) -> int:

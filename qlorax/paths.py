@@ -2,6 +2,7 @@
 
     run_dir/
       spec.yaml                 resolved run spec (the only file crossing process/pod boundaries)
+      inputs.json               digests of the data file and model files the checkpoints were trained on
       status.json               state of the last stage: running / finished / failed / interrupted
       train.log                 console log of rank 0
       metrics.jsonl             one JSON object per logged step (step, loss, learning_rate, epoch, ...)
@@ -32,6 +33,7 @@ class RunPaths:
 
     spec = property(lambda self: self.root / "spec.yaml")
     status = property(lambda self: self.root / "status.json")
+    inputs = property(lambda self: self.root / "inputs.json")
     log = property(lambda self: self.root / "train.log")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     train_summary = property(lambda self: self.root / "train_summary.json")
