@@ -113,11 +113,20 @@ def _rows_in_object(data: dict, source: str, cfg: DataConfig) -> list:
 
 
 def _read_csv(source: str, cfg: DataConfig) -> list[dict]:
-    reader = csv.DictReader(io.StringIO(_text(source)))
+    # strict: an unclosed quote is an error, not a field that silently swallows the rest of the file
+    reader = csv.DictReader(io.StringIO(_text(source)), strict=True)
+    rows = []
     try:
-        return [dict(row) for row in reader]
+        for row in reader:
+            if None in row or None in row.values():   # more / fewer fields than the header
+                raise csv.Error(f"{len(reader.fieldnames)} columns in the header, a different number on this line")
+            rows.append(row)
     except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise QloraxError(f"data.path: {source}: a quote opened after line {reader.line_num} is never closed "
+                              "(not valid CSV); close it, or double any quote inside a field (\"\")") from None
         raise QloraxError(f"data.path: {source} line {reader.line_num}: not valid CSV ({exc}); fix that line") from None
+    return rows
 
 
 def _read_parquet(source: str, cfg: DataConfig) -> list[dict]:
