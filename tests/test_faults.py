@@ -123,3 +123,80 @@ def test_fault(name, tmp_path):
     for needle in needles:
         assert needle in output, f"{name}: {needle!r} not in\n{output[-3000:]}"
     assert not (tmp_path / "out" / "checkpoints").exists(), "a refused input must not start training"
+
+
+# --- run directories: reused with other settings or inputs, damaged checkpoints
+
+CHECKPOINTED = ["train.max_steps=4", "train.save_steps=2", "train.eval_steps=100", "train.logging_steps=1", "quiet=true"]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file of a run directory but .hydra/ (Hydra's record of the latest command, refused or not)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run with checkpoints at steps 2 and 4 on a local data file, and the arguments that made it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    args = [*data_args(write(tmp, "rows.jsonl", jsonl(ROWS * 2))), *CHECKPOINTED]
+    result = run_cli("train", *args, f"run_dir={tmp / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "run", args
+
+
+def copy_run(trained, tmp: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(trained[0], tmp / "run", symlinks=True))
+
+
+def test_changed_settings_are_refused_naming_every_key(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    before = files_of(run)
+    result = run_cli("train", *trained[1], "lora.r=16", "train.learning_rate=1e-3", f"run_dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    assert "2 setting(s) changed" in output and "lora.r: 8 -> 16" in output and "train.learning_rate: " in output
+    assert "use a new run_dir" in output
+    assert files_of(run) == before, "a refused resume must leave the run directory as it was"
+
+
+def test_changed_data_content_is_refused(tmp_path):
+    data = write(tmp_path, "rows.jsonl", jsonl(ROWS))
+    args = [*data_args(data), *FAST]
+    assert run_cli("train", *args, f"run_dir={tmp_path / 'run'}").returncode == 0
+    before = files_of(tmp_path / "run")
+    data.write_text(jsonl(ROWS[::-1]))   # same settings, other rows: resuming would mix them into one adapter
+    result = run_cli("train", *args, "train.max_steps=4", f"run_dir={tmp_path / 'run'}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert "the content of data.path" in output and "Restore the original files" in output
+    assert files_of(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "deleted file"])
+def test_damaged_latest_checkpoint_resumes_from_the_previous(trained, tmp_path, damage):
+    run = copy_run(trained, tmp_path)
+    latest = run / "checkpoints" / "step-000004"
+    weights = latest / "adapter_model.safetensors"
+    if damage == "flipped byte":
+        raw = bytearray(weights.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        weights.write_bytes(bytes(raw))
+    else:
+        weights.unlink()
+    result = run_cli("train", *trained[1], "train.max_steps=6", f"run_dir={run}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    log = (run / "train.log").read_text()
+    why = "does not match its checksum" if damage == "flipped byte" else "is missing"
+    assert f"checkpoint step-000004 is damaged (adapter_model.safetensors {why})" in log
+    assert "resumed from" in log and "step-000002 (step 2 of 6)" in log
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6], "steps after the intact checkpoint are redone once"
+    assert not (run / "checkpoints" / "step-000004").exists() or \
+        "adapter_model.safetensors" in json.loads((run / "checkpoints/step-000004/manifest.json").read_text())["files"]
