@@ -109,6 +109,8 @@ def _hydra_command(command: str, args: list[str]) -> int:
     multirun = any(f in ("-m", "--multirun") for f in flags)
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
     if run_dir:
+        if not asks_help and "$" not in run_dir:
+            _check_creatable(run_dir)   # Hydra would create it first and print a traceback if it cannot
         overrides.append(f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}")
         if multirun:
             overrides = [o for o in overrides if not o.startswith("run_dir=")]
@@ -144,6 +146,16 @@ def _hydra_command(command: str, args: list[str]) -> int:
     finally:
         sys.argv = saved_argv
     return 0
+
+
+def _check_creatable(run_dir: str) -> None:
+    """Create the run directory, or say why it cannot be (a file in the way, no permission, disk full)."""
+    try:
+        Path(run_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        in_the_way = next((p for p in [Path(run_dir), *Path(run_dir).parents] if p.is_file()), None)
+        why = f"{in_the_way} is a file" if in_the_way else (exc.strerror or str(exc))
+        raise QloraxError(f"run_dir={run_dir}: cannot create the run directory ({why}); give another run_dir") from None
 
 
 def execute(command: str, spec) -> dict:

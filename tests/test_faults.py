@@ -101,6 +101,11 @@ FAULTS = {
                         ["not a readable parquet file", "jsonl"]),
     "val_set_size larger than the data": (lambda t: ["train", *data_args(write(t, "rows.jsonl", jsonl(ROWS)), "data.val_set_size=40")],
                                           2, ["eval split (40 rows)", "12 rows", "data.val_set_size=1"]),
+    # --- run directories
+    "run_dir is a file": (lambda t: ["train", f"run_dir={write(t, 'notes.txt', 'keep me')}", *FAST], 2,
+                          ["cannot create the run directory", "notes.txt is a file", "give another run_dir"]),
+    "run_dir under a file": (lambda t: ["train", f"run_dir={write(t, 'notes.txt', 'keep me')}/run", *FAST], 2,
+                             ["notes.txt is a file", "give another run_dir"]),
 }
 
 
