@@ -70,6 +70,8 @@ FAULTS = {
                                 2, ["has no tokenizer files", "copy the tokenizer files"]),
     "unknown architecture": (lambda t: ["train", f"model.path={stories_copy(t, config={'model_type': 'llamazing'})}"], 2,
                              ["model_type 'llamazing'", "does not know", "upgrade transformers"]),
+    "config.json without model_type": (lambda t: ["train", f"model.path={stories_copy(t, config={'model_type': None})}"], 2,
+                                       ["config.json has no model_type", "download the model's config.json again"]),
     "encoder-only architecture": (lambda t: ["train", f"model.path={stories_copy(t, config={'model_type': 'bert'})}"], 2,
                                   ["'bert' model, an encoder", "causal"]),
     "pickle-only weights": (lambda t: ["train", f"model.path={pickle_only(t)}"], 2,

@@ -71,9 +71,15 @@ def check_architecture(local: Path, spec: RunSpec) -> None:
         config = json.loads((local / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise QloraxError(f"model.path: {local}/config.json is not valid JSON ({exc}); download it again") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if not model_type or (spec.model.trust_remote_code and "AutoModelForCausalLM" in config.get("auto_map", {})):
-        return   # left to transformers (its own error), or the model's own code
+    if not isinstance(config, dict):
+        raise QloraxError(f"model.path: {local}/config.json holds a {type(config).__name__}, not a model "
+                          "configuration object; download it again")
+    if spec.model.trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return   # the model's own code decides
+    model_type = config.get("model_type")
+    if not model_type:
+        raise QloraxError(f"model.path: {local}/config.json has no model_type, so its architecture is unknown; "
+                          "download the model's config.json again (it names one, e.g. \"model_type\": \"llama\")")
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
     import transformers
