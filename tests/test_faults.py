@@ -159,6 +159,7 @@ def copy_run(trained, tmp: Path) -> Path:
     return Path(shutil.copytree(trained[0], tmp / "run", symlinks=True))
 
 
+@pytest.mark.integration
 def test_changed_settings_are_refused_naming_every_key(trained, tmp_path):
     run = copy_run(trained, tmp_path)
     before = files_of(run)
@@ -171,6 +172,7 @@ def test_changed_settings_are_refused_naming_every_key(trained, tmp_path):
     assert files_of(run) == before, "a refused resume must leave the run directory as it was"
 
 
+@pytest.mark.integration
 def test_changed_data_content_is_refused(tmp_path):
     data = write(tmp_path, "rows.jsonl", jsonl(ROWS))
     args = [*data_args(data), *FAST]
@@ -184,6 +186,7 @@ def test_changed_data_content_is_refused(tmp_path):
     assert files_of(tmp_path / "run") == before
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", ["flipped byte", "deleted file"])
 def test_damaged_latest_checkpoint_resumes_from_the_previous(trained, tmp_path, damage):
     run = copy_run(trained, tmp_path)
@@ -211,6 +214,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous(trained, tmp_path, 
 
 # --- unexpected exceptions: one console line naming the log, the traceback only in the log
 
+@pytest.mark.integration
 @pytest.mark.parametrize("launcher", [[], ["parallel=ccl", "workers=2", "train.micro_batch_size=2"]], ids=["local", "ccl"])
 def test_internal_error_is_one_line_and_the_traceback_goes_to_the_log(tmp_path, launcher):
     broken = write(tmp_path, "site/peft/__init__.py", 'raise RuntimeError("peft is half-installed")\n').parent.parent
