@@ -232,7 +232,8 @@ def _input_digests(spec) -> dict[str, str]:
     if fmt != "hub":
         h = hashlib.sha256()
         for f in sorted(p for p in [Path(location), *Path(location).rglob("*")] if p.is_file()):
-            h.update(f.name.encode() + f.read_bytes())
+            with f.open("rb") as content:   # streamed: data files can be larger than memory
+                h.update(f.name.encode() + hashlib.file_digest(content, "sha256").digest())
         digests["data.path"] = h.hexdigest()
     model = Path(spec.model.path).expanduser()
     if (model / "config.json").is_file():
