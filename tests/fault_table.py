@@ -42,12 +42,15 @@ def shown_input(argv_text: str, tmp: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("catalogues", nargs="*", default=list(CATALOGUES), choices=list(CATALOGUES))
+    parser.add_argument("catalogues", nargs="*", help=f"any of {', '.join(CATALOGUES)} (default: all)")
     parser.add_argument("-o", "--output", type=Path, help="also write the table to this file")
     args = parser.parse_args()
+    unknown = set(args.catalogues) - set(CATALOGUES)
+    if unknown:
+        parser.error(f"unknown catalogue(s) {', '.join(sorted(unknown))}: choose from {', '.join(CATALOGUES)}")
     lines = ["| catalogue | case | input | exit | first line of the message |", "|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for catalogue in args.catalogues:
+    for catalogue in args.catalogues or list(CATALOGUES):
         for name, (_, code, _) in CATALOGUES[catalogue].items():
             with tempfile.TemporaryDirectory(prefix="qlorax-fault-") as tmp_dir:
                 tmp = Path(tmp_dir)
