@@ -32,8 +32,14 @@ def run(catalogue: str, name: str, tmp: Path):
 
 
 def first_message_line(output: str) -> str:
-    errors = [line for line in output.splitlines() if line.startswith("qlorax: error:") or "] error:" in line]
-    return (errors or output.strip().splitlines()[-1:] or [""])[0]
+    """The first error line; a heading like 'invalid configuration (1 problem):' with the line under it."""
+    lines = output.splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("qlorax: error:") or "] error:" in line), None)
+    if first is None:
+        return lines[-1] if lines else ""
+    if lines[first].endswith(":") and first + 1 < len(lines):
+        return f"{lines[first]} {lines[first + 1].strip()}"
+    return lines[first]
 
 
 def shown_input(argv_text: str, tmp: Path) -> str:
