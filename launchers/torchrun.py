@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlorax.errors import Interrupted, QloraxError
+from qlorax.errors import InternalError, Interrupted, QloraxError
 from qlorax.launchers import LaunchResult
 from qlorax.launchers.pinning import format_plans, rank_plans
 from qlorax.paths import RunPaths
@@ -74,11 +74,13 @@ def launch(spec: RunSpec) -> LaunchResult:
     process = subprocess.Popen(torchrun_command(spec, port), env=env, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     torchrun_err = []
-    interrupted = False
+    interrupted = in_report = False
     try:
-        for line in process.stderr:    # pass rank 0's log through; keep torchrun's report
+        for line in process.stderr:    # pass rank 0's log through; keep torchrun's report for torchrun.log
             torchrun_err.append(line)
-            if not _is_torchrun_noise(line):
+            # torchrun ends a failed job with its own traceback and report: summarized below, kept in the file
+            in_report = in_report or line.startswith("Traceback (most recent call last)")
+            if not in_report and not _is_torchrun_noise(line):
                 sys.stderr.write(line)
         rc = process.wait()
     except KeyboardInterrupt:
@@ -92,8 +94,11 @@ def launch(spec: RunSpec) -> LaunchResult:
     if interrupted:
         raise Interrupted(f"interrupted: the ranks stopped at a step boundary after saving a checkpoint; continue with "
                           f"`qlorax train run_dir={paths.root} resume=auto`")
-    rank = _failed_rank("".join(torchrun_err))
-    raise QloraxError(_failure_message(rank, rc, logs))
+    report = "".join(torchrun_err)
+    (logs / "torchrun.log").write_text(report)
+    rank, rank_rc = _root_cause(report)
+    message = _failure_message(rank, rank_rc, rc, logs)
+    raise QloraxError(message) if rank_rc == QloraxError.exit_code else InternalError(message)
 
 
 def _kill_group(pgid: int) -> None:
@@ -108,16 +113,37 @@ def _is_torchrun_noise(line: str) -> bool:
     return line.startswith(("W", "E", "I")) and re.match(r"^[WEI]\d{4} ", line) is not None
 
 
-def _failed_rank(report: str) -> int | None:
-    found = re.findall(r"\brank\s*:\s*(\d+)", report)
-    return int(found[0]) if found else None
+def _root_cause(report: str) -> tuple[int | None, int | None]:
+    """(rank, exit code) of the first failure torchrun observed; its other entries are ranks it stopped."""
+    cause = report.split("Root Cause", 1)[-1]
+    rank = re.search(r"\brank\s*:\s*(\d+)", cause)
+    code = re.search(r"\bexitcode\s*:\s*(-?\d+)", cause)
+    return (int(rank.group(1)) if rank else None), (int(code.group(1)) if code else None)
 
 
-def _failure_message(rank: int | None, rc: int, logs: Path) -> str:
+def _without_tracebacks(lines: list[str]) -> list[str]:
+    """Log lines with each traceback's frames dropped (its last line, the exception, stays)."""
+    kept, inside = [], False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last)"):
+            inside = True
+        elif inside and not line.startswith((" ", "\t")):
+            inside = False
+        if not inside:
+            kept.append(line)
+    return kept
+
+
+def _failure_message(rank: int | None, rank_rc: int | None, rc: int, logs: Path) -> str:
     if rank is None:
-        return f"multi-process training failed (torchrun exit code {rc}); see the rank logs in {logs}"
+        return (f"multi-process training failed (torchrun exit code {rc}); see the rank logs in {logs} "
+                f"and torchrun's report in {logs / 'torchrun.log'}")
     log_file = logs / f"rank-{rank}.log"
-    tail = log_file.read_text().splitlines()[-10:] if log_file.is_file() else ["(no log written)"]
+    tail = _without_tracebacks(log_file.read_text().splitlines())[-10:] if log_file.is_file() else ["(no log written)"]
     body = "\n".join(f"    {line}" for line in tail)
-    return (f"rank {rank} failed; the whole job was stopped (torchrun exit code {rc}). "
+    if rank_rc is not None and rank_rc < 0:
+        how = f"killed by signal {-rank_rc} ({signal.Signals(-rank_rc).name}; SIGKILL is often the out-of-memory killer)"
+    else:
+        how = {1: "with an internal error", 2: "on bad input"}.get(rank_rc, f"with exit code {rank_rc}")
+    return (f"rank {rank} failed {how}; the whole job was stopped (torchrun exit code {rc}). "
             f"Last lines of {log_file}:\n{body}")

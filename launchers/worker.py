@@ -12,10 +12,10 @@ import argparse
 import logging
 import os
 import sys
-import traceback
+from pathlib import Path
 
 from qlorax import runstatus
-from qlorax.errors import QloraxError
+from qlorax.errors import QloraxError, record_unexpected
 from qlorax.paths import RunPaths
 from qlorax.specfile import load_run_spec
 
@@ -53,13 +53,16 @@ def main(argv: list[str] | None = None) -> int:
             run_stages(spec, [s for s in stages if s != "train"])
         return 0
     except QloraxError as exc:
-        print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
-        logging.getLogger("qlorax").error("error: %s", exc)
+        log = logging.getLogger("qlorax")
+        if log.handlers:   # console and log files, set up by the stage
+            log.error("error: %s", exc)
+        else:
+            print(f"[rank {rank}] error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    except Exception:
-        text = traceback.format_exc()
-        print(f"[rank {rank}] {text}", file=sys.stderr, flush=True)
-        logging.getLogger("qlorax").error("%s", text)
+    except Exception as exc:   # the traceback goes to this rank's log file only; one line on the console
+        rank_logs = os.environ.get("QLORAX_RANK_LOG_DIR")
+        log_file = Path(rank_logs) / f"rank-{rank}.log" if rank_logs else RunPaths(args.run_dir).log
+        print(f"[rank {rank}] error: {record_unexpected(exc, f'rank {rank}', log_file)}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -9,13 +9,15 @@
 
 train/run accept Hydra's flags too: --help, --cfg job, -m (sweeps, one run directory per job).
 Bad configuration exits with code 2 and every problem listed, before anything heavy is imported.
+Any other failure exits with code 1 and one line naming the log file that holds its traceback.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from qlorax.errors import QloraxError
+from qlorax.errors import QloraxError, record_unexpected
 
 COMMANDS = ("train", "run", "merge", "verify", "plan", "runs")
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp", "--config-name",
@@ -52,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except Exception as exc:   # a bug or a broken install: one line here, the traceback in the run's log
+        _error(record_unexpected(exc, f"`qlorax {command}`", _run_log(rest)))
+        return 1
+
+
+def _run_log(args: list[str]) -> Path | None:
+    """The log file of the run directory named by ``run_dir=`` when that directory exists."""
+    from qlorax.paths import RunPaths
+
+    run_dirs = [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+    return RunPaths(run_dirs[0]).log if run_dirs and Path(run_dirs[0]).is_dir() else None
 
 
 def _error(message: str) -> None:
@@ -95,8 +108,8 @@ def _hydra_command(command: str, args: list[str]) -> int:
         compose(overrides, _config_dirs(flags))   # raises ConfigError listing every problem; loads no model
     multirun = any(f in ("-m", "--multirun") for f in flags)
     run_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")), None)
-    if run_dir and not asks_help:
-        _check_run_dir(run_dir)
+    if run_dir and not asks_help and "$" not in run_dir:
+        _check_run_dir(run_dir)   # Hydra would create it first and print a traceback if it cannot
     if run_dir:
         overrides.append(f"hydra.{'sweep' if multirun else 'run'}.dir={run_dir}")
         if multirun:
@@ -119,6 +132,12 @@ def _hydra_command(command: str, args: list[str]) -> int:
         except QloraxError as exc:
             _error(str(exc))
             sys.exit(exc.exit_code)
+        except Exception as exc:   # caught here, or Hydra would print the traceback itself
+            from qlorax.paths import RunPaths
+
+            log_file = RunPaths(HydraConfig.get().runtime.output_dir).log
+            _error(record_unexpected(exc, f"`qlorax {command}`", log_file))
+            sys.exit(1)
 
     saved_argv = sys.argv
     sys.argv = [f"qlorax {command}"] + flags + force_dict_overrides(overrides)
@@ -182,29 +201,64 @@ def _execute_locked(command: str, spec) -> dict:
 def prepare_run_dir(spec) -> None:
     """Write spec.yaml; refuse a run directory that belongs to a different spec."""
     from qlorax.memory import check_fits
-    from qlorax.paths import RunPaths
+    from qlorax.paths import RunPaths, read_json
     from qlorax.spec import identity_diff
     from qlorax.specfile import load_spec, lookup, save_spec
 
     paths = RunPaths(spec.run_dir)
     check_inputs(spec)
+    inputs = _input_digests(spec)
     if paths.spec.is_file():
         old = load_spec(paths.spec)
         changed = identity_diff(old, spec)
         if changed:
-            raise QloraxError(f"run_dir {paths.root} belongs to a different run: {', '.join(changed)} changed "
-                              f"(e.g. {changed[0]}: {lookup(old, changed[0])!r} -> {lookup(spec, changed[0])!r}); "
-                              "use a new run_dir, or the original settings to resume it")
+            shown = "; ".join(f"{key}: {lookup(old, key)!r} -> {lookup(spec, key)!r}" for key in changed[:8])
+            raise QloraxError(f"run_dir {paths.root} belongs to a different run: {len(changed)} setting(s) changed "
+                              f"({shown}{'; ...' if len(changed) > 8 else ''}); use a new run_dir, or the original "
+                              "settings to resume it")
         if spec.resume == "never" and paths.checkpoint_dirs():
             raise QloraxError(f"run_dir {paths.root} already has checkpoints and resume=never: continue it with "
                               "resume=auto, or start over in a new run_dir")
+        trained_on = read_json(paths.inputs)
+        moved = [k for k in inputs if trained_on.get(k) not in (None, inputs[k])]
+        if moved and paths.checkpoint_dirs():
+            raise QloraxError(f"run_dir {paths.root}: the content of {' and '.join(moved)} ("
+                              f"{', '.join(lookup(spec, k) for k in moved)}) changed since its checkpoints were "
+                              "trained; resuming would mix two inputs in one adapter. Restore the original files, or "
+                              "train on the new ones in a new run_dir")
     check_fits(spec)
     save_spec(spec, paths.spec)
+    paths.inputs.write_text(json.dumps(inputs, indent=1))
+
+
+def _input_digests(spec) -> dict[str, str]:
+    """Digests of the local data file (its bytes) and model directory (config.json, weight names and sizes)."""
+    import hashlib
+
+    from qlorax.engine.data import data_source
+
+    digests = {}
+    if spec.parallel.launcher == "k8s":
+        return digests   # paths refer to the cluster's volume
+    location, fmt = data_source(spec.data)
+    if fmt != "hub":
+        h = hashlib.sha256()
+        for f in sorted(p for p in [Path(location), *Path(location).rglob("*")] if p.is_file()):
+            with f.open("rb") as content:   # streamed: data files can be larger than memory
+                h.update(f.name.encode() + hashlib.file_digest(content, "sha256").digest())
+        digests["data.path"] = h.hexdigest()
+    model = Path(spec.model.path).expanduser()
+    if (model / "config.json").is_file():
+        h = hashlib.sha256((model / "config.json").read_bytes())
+        for f in sorted(p for p in model.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        digests["model.path"] = h.hexdigest()
+    return digests
 
 
 def check_inputs(spec) -> None:
     """Model directory and data rows are checked here, once, before any rank or pod starts."""
-    from qlorax.engine.data import check_rows, data_source, read_rows
+    from qlorax.engine.data import check_rows, data_source, read_rows, split_sizes
     from qlorax.engine.model import check_model_path, check_vocab_fits
 
     if spec.parallel.launcher == "k8s":
@@ -214,6 +268,7 @@ def check_inputs(spec) -> None:
         return   # fetched by the ranks themselves
     rows, source = read_rows(spec.data)
     check_rows(rows, spec.data, source)
+    split_sizes(len(rows), spec.data.val_set_size, source)
 
 
 def _stage_on_run_dir(command: str, args: list[str]) -> int:

@@ -1,7 +1,9 @@
 """User-facing errors: printed as a message (no traceback) and mapped to exit codes."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class QloraxError(Exception):
@@ -55,3 +57,33 @@ def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return any(t in str(exc) for t in _DISK_FULL_TEXT)
+
+
+class InternalError(QloraxError):
+    """A failure that is not the user's input (a bug, a broken install): exit code 1, traceback in the log."""
+
+    exit_code = 1
+
+
+def record_unexpected(exc: BaseException, where: str, log_file: Path | None) -> str:
+    """Append ``exc``'s full traceback to ``log_file`` (else a file in the temp folder); return one console line.
+
+    The console gets what failed and where the details are, never the traceback itself.
+    """
+    import tempfile
+    import time
+    import traceback
+
+    if log_file is None:
+        log_file = Path(tempfile.gettempdir()) / f"qlorax-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with log_file.open("a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR unexpected error in {where}:\n{text}")
+        details = f"the full traceback is in {log_file}"
+    except OSError as write_error:   # e.g. disk full: still no traceback on the console
+        details = f"the traceback could not be written to {log_file} ({write_error.strerror})"
+    summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"internal error in {where}: {type(exc).__name__}{': ' + summary[:300] if summary else ''}; {details} "
+            "(this is a bug or a broken installation, not your input: please report it with that file)")

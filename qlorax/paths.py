@@ -2,6 +2,7 @@
 
     run_dir/
       spec.yaml                 resolved run spec (the only file crossing process/pod boundaries)
+      inputs.json               digests of the data file and model files the checkpoints were trained on
       status.json               state of the last stage: running / finished / failed / interrupted
       .lock                     held by the one qlorax process working in the run (pid, host, command)
       train.log                 console log of rank 0
@@ -35,6 +36,7 @@ class RunPaths:
     spec = property(lambda self: self.root / "spec.yaml")
     status = property(lambda self: self.root / "status.json")
     lock = property(lambda self: self.root / ".lock")
+    inputs = property(lambda self: self.root / "inputs.json")
     log = property(lambda self: self.root / "train.log")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     train_summary = property(lambda self: self.root / "train_summary.json")

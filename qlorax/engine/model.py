@@ -38,6 +38,9 @@ def check_model_path(spec: RunSpec) -> str:
     looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
     if not looks_local:
         return path  # hub id: from_pretrained resolves it (needs network unless cached)
+    if local.is_file():
+        raise QloraxError(f"model.path: {path} is a file, not a model directory; point model.path at the folder "
+                          f"that holds config.json, the weights and the tokenizer (perhaps {local.parent})")
     if not local.is_dir():
         raise QloraxError(f"model.path: {path} does not exist; give a local model directory "
                           "(with config.json and *.safetensors) or a hub id like meta-llama/Llama-2-7b-hf")
@@ -54,7 +57,50 @@ def check_model_path(spec: RunSpec) -> str:
         raise QloraxError(f"model.path: {local} only has pickle weights (*.bin), which can run arbitrary code when "
                           "loaded; convert them to safetensors, or allow them with model.allow_pickle=true "
                           "if you trust the source")
+    if not any(f for pattern in TOKENIZER_FILES for f in local.glob(pattern)):
+        raise QloraxError(f"model.path: {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the "
+                          "tokenizer files from the model's original repository into that folder")
+    check_architecture(local, spec)
     return str(local.resolve())
+
+
+# Any one of these makes a tokenizer AutoTokenizer can load (sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
+
+
+def check_architecture(local: Path, spec: RunSpec) -> None:
+    """Refuse, before loading anything, a config.json transformers does not know or that is no causal LM."""
+    import json
+
+    try:
+        config = json.loads((local / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise QloraxError(f"model.path: {local}/config.json is not valid JSON ({exc}); download it again") from None
+    if not isinstance(config, dict):
+        raise QloraxError(f"model.path: {local}/config.json holds a {type(config).__name__}, not a model "
+                          "configuration object; download it again")
+    if spec.model.trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        return   # the model's own code decides
+    model_type = config.get("model_type")
+    if not model_type:
+        raise QloraxError(f"model.path: {local}/config.json has no model_type, so its architecture is unknown; "
+                          "download the model's config.json again (it names one, e.g. \"model_type\": \"llama\")")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    import transformers
+
+    causal = "qlorax fine-tunes causal (decoder-only) language models such as llama, mistral, qwen2, gemma, phi, gpt2"
+    if model_type not in CONFIG_MAPPING_NAMES:
+        remote = (" or, since it ships its own code, model.trust_remote_code=true if you trust it"
+                  if "auto_map" in config else "")
+        raise QloraxError(f"model.path: {local}/config.json has model_type {model_type!r}, which transformers "
+                          f"{transformers.__version__} does not know; upgrade transformers (pip install -U transformers)"
+                          f"{remote}")
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder:
+        kind = "an encoder (masked-LM) architecture" if encoder else "not a causal language model"
+        raise QloraxError(f"model.path: {local} holds a {model_type!r} model, {kind}; {causal}: "
+                          "point model.path at one of those")
 
 
 def load_tokenizer(spec: RunSpec, path: str):

@@ -49,6 +49,11 @@ def prepare(spec: RunSpec, tokenizer, paths: RunPaths | None = None) -> Prepared
         example, cut = encode(row)
         truncated += cut
         examples.append(example)
+    if truncated == len(rows) and len(rows) > 1:
+        shortest = min(len(tokenizer("".join(render(row, cfg)))["input_ids"]) for row in rows)
+        raise QloraxError(f"data: every one of the {len(rows)} rows in {source} is longer than data.cutoff_len="
+                          f"{cfg.cutoff_len} tokens (the shortest has {shortest}), so no example would be trained "
+                          f"whole; raise data.cutoff_len (e.g. data.cutoff_len={shortest + 1}) or shorten the rows")
     train = [examples[i] for i in train_idx]
     evals = [examples[i] for i in eval_idx]
     if cfg.packing:

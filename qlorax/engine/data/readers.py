@@ -82,6 +82,8 @@ def _read_jsonl(source: str, cfg: DataConfig) -> list[dict]:
 
 def _read_json(source: str, cfg: DataConfig) -> list[dict]:
     text = _text(source)
+    if not text.strip():
+        return []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -89,26 +91,73 @@ def _read_json(source: str, cfg: DataConfig) -> list[dict]:
             return _read_jsonl(source, cfg)   # JSON lines saved as .json
         raise QloraxError(f"data.path: {source} line {exc.lineno}: invalid JSON ({exc.msg}); fix the file") from None
     if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise QloraxError(f"data.path: {source} must hold a list of JSON objects (or a JSON-lines file)")
+        data = _rows_in_object(data, source, cfg)
+    if not isinstance(data, list):
+        raise QloraxError(f"data.path: {source} must hold a list of JSON objects (or a JSON-lines file), "
+                          f"not a {type(data).__name__}")
+    wrong = next((i for i, r in enumerate(data, start=1) if not isinstance(r, dict)), None)
+    if wrong is not None:
+        raise QloraxError(f"data.path: {source} must hold a list of JSON objects (or a JSON-lines file); "
+                          f"item {wrong} is a {type(data[wrong - 1]).__name__}")
     return data
 
 
+def _rows_in_object(data: dict, source: str, cfg: DataConfig) -> list:
+    """The row list inside a top-level object: {"train": [...]} (its only list, or the one named data.split)."""
+    lists = {k: v for k, v in data.items() if isinstance(v, list)}
+    if cfg.split in lists:
+        return lists[cfg.split]
+    if len(lists) == 1:
+        return next(iter(lists.values()))
+    if lists:
+        raise QloraxError(f"data.path: {source} holds an object with several lists ({', '.join(lists)}) and none "
+                          f"is named data.split={cfg.split!r}; pick one with data.split={next(iter(lists))}")
+    raise QloraxError(f"data.path: {source} holds one JSON object (keys: {', '.join(list(data)[:8])}), not a list "
+                      "of rows; put the rows in a list [{...}, {...}] or write one object per line (.jsonl)")
+
+
 def _read_csv(source: str, cfg: DataConfig) -> list[dict]:
-    return [dict(row) for row in csv.DictReader(io.StringIO(_text(source)))]
+    # strict: an unclosed quote is an error, not a field that silently swallows the rest of the file
+    reader = csv.DictReader(io.StringIO(_text(source)), strict=True)
+    rows = []
+    try:
+        for row in reader:
+            if None in row or None in row.values():   # more / fewer fields than the header
+                raise csv.Error(f"{len(reader.fieldnames)} columns in the header, a different number on this line")
+            rows.append(row)
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise QloraxError(f"data.path: {source}: a quote opened after line {reader.line_num} is never closed "
+                              "(not valid CSV); close it, or double any quote inside a field (\"\")") from None
+        raise QloraxError(f"data.path: {source} line {reader.line_num}: not valid CSV ({exc}); fix that line") from None
+    return rows
 
 
 def _read_parquet(source: str, cfg: DataConfig) -> list[dict]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise QloraxError("reading parquet needs pyarrow: pip install 'qlorax[parquet]'") from None
-    return pq.read_table(source).to_pylist()
+    try:
+        return pq.read_table(source).to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise QloraxError(f"data.path: {source} is not a readable parquet file ({str(exc).splitlines()[0]}); "
+                          "write it again (for example pandas' DataFrame.to_parquet) or export the rows as jsonl") from None
+
+
+# What datasets' save_to_disk writes: a Dataset's state, or a DatasetDict's split list.
+DATASETS_DIR_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 def _read_datasets(source: str, cfg: DataConfig) -> list[dict]:
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / marker).is_file() for marker in DATASETS_DIR_MARKERS):
+        files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet"))
+        hint = (f"point data.path at one of its files ({', '.join(files[:5])})" if files
+                else "point data.path at a json, jsonl, csv or parquet file")
+        raise QloraxError(f"data.path: {source} is a plain directory, not a datasets save_to_disk directory "
+                          f"(it has no {' / '.join(DATASETS_DIR_MARKERS)}); {hint}")
     try:
         import datasets
     except ImportError:
