@@ -272,6 +272,12 @@ def _cross_problems(spec: RunSpec) -> list[Problem]:
             if problem:
                 others = [s for s in spec.metrics.report_to if s != sink]
                 p.append(Problem("metrics.report_to", problem, f"metrics.report_to=[{','.join(others)}]"))
+        if "export" in spec.stages:
+            from qlorax.engine.export import missing_library as missing_exporter
+
+            problem = missing_exporter(spec.export.format)
+            if problem:
+                p.append(Problem("stages", problem, f"stages=[{','.join(s for s in spec.stages if s != 'export')}]"))
     k = spec.k8s
     for key in ("cpu", "memory"):
         if not K8S_QUANTITY.match(str(getattr(k, key))):
