@@ -31,6 +31,7 @@ log = logging.getLogger("qlorax")
 
 # Hugging Face architecture -> GGUF architecture; both share Llama's tensors and rope.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}   # configs saved without `architectures`
 SOURCE_KEY = "qlorax.adapter_sha256"   # which adapter the file was exported from (idempotent reruns)
 SKIPPED = ("rotary_emb.inv_freq",)     # buffers some checkpoints carry; llama.cpp computes them
 
@@ -47,9 +48,8 @@ def check_architecture(model_dir: str | Path) -> dict[str, Any]:
     if not config_path.is_file():
         return {}   # a hub id: checked when the merged model exists
     config = json.loads(config_path.read_text())
-    names = config.get("architectures") or [config.get("model_type", "unknown")]
-    if names[0] not in ARCHITECTURES:
-        raise QloraxError(f"GGUF export maps the {', '.join(ARCHITECTURES)} architectures, not {names[0]} "
+    if _architecture(config) not in ARCHITECTURES:
+        raise QloraxError(f"GGUF export maps the {', '.join(ARCHITECTURES)} architectures, not {_architecture(config)} "
                           f"({config_path}); convert merged/ with llama.cpp's convert_hf_to_gguf.py instead")
     scaling = _rope_scaling(config)
     if scaling.get("rope_type", "default") not in ("default", "linear"):
@@ -79,7 +79,7 @@ def export(spec: RunSpec) -> dict[str, Any]:
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
     paths.export.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    writer = gguf.GGUFWriter(staging, ARCHITECTURES[config["architectures"][0]])
+    writer = gguf.GGUFWriter(staging, ARCHITECTURES[_architecture(config)])
     try:
         _write_parameters(writer, config, kind, paths.root.name)
         writer.add_string(SOURCE_KEY, source)
@@ -135,6 +135,12 @@ def _write_parameters(writer, config: dict, kind: str, name: str) -> None:
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _architecture(config: dict) -> str:
+    """The Hugging Face architecture class named by a config (its ``architectures``, else its ``model_type``)."""
+    names = config.get("architectures") or [MODEL_TYPES.get(config.get("model_type"), config.get("model_type", "unknown"))]
+    return names[0]
 
 
 def _rope_scaling(config: dict) -> dict:
