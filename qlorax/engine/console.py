@@ -37,7 +37,7 @@ def setup_logging(log_file: Path | None = None, rank: int = 0, quiet: bool = Fal
         per_rank = logging.FileHandler(Path(rank_logs) / f"rank-{rank}.log")
         per_rank.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(per_rank)
-    for noisy in ("transformers", "peft", "bitsandbytes", "accelerate"):
+    for noisy in ("transformers", "peft", "bitsandbytes", "accelerate", "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:   # weight-loading bars are noise in logs; our own progress bar is the one to watch
