@@ -11,8 +11,8 @@
 - The vocabulary is SentencePiece's (``tokenizer.model``: pieces, scores, token types), special token
   ids and add-bos/eos flags come from the tokenizer files next to it (gguf-py's ``SpecialVocab``).
 - Tensors are read, converted and written one at a time, so a 7B model never sits in memory whole.
-  The file is written under a temporary name and renamed; a file already exported from the same adapter
-  with the same type is kept (rerunning is a no-op).
+  The file is written under a temporary name and renamed; a file already exported from the same merged
+  model (adapter, merge base, dtype) with the same type is kept (rerunning is a no-op).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ log = logging.getLogger("qlorax")
 # Hugging Face architecture -> GGUF architecture; both share Llama's tensors and rope.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}   # configs saved without `architectures`
-SOURCE_KEY = "qlorax.adapter_sha256"   # which adapter the file was exported from (idempotent reruns)
+SOURCE_KEY = "qlorax.merged_from"      # adapter hash, merge base and dtype of merged/ (idempotent reruns)
 SKIPPED = ("rotary_emb.inv_freq",)     # buffers some checkpoints carry; llama.cpp computes them
 
 
@@ -70,7 +70,7 @@ def export(spec: RunSpec) -> dict[str, Any]:
     tokenizer_model = _find_tokenizer_model(paths.merged, *[Path(p) for p in [merge_info.get("base_path")] if p])
     kind = spec.export.gguf_type
     target = paths.gguf(kind)
-    source = merge_info["adapter_sha256"]
+    source = f"{merge_info['adapter_sha256']}:{merge_info.get('base')}:{merge_info.get('dtype')}"
     if _exported_from(target) == source:
         log.info("export: %s already holds adapter step %s as %s: nothing to do", target, merge_info["adapter_step"], kind)
         return {"path": str(target), "gguf_type": kind, "skipped": True}
@@ -94,7 +94,7 @@ def export(spec: RunSpec) -> dict[str, Any]:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         counts: dict[str, int] = {}
-        for name, _, stored, load in plan:
+        for _, _, stored, load in plan:
             writer.write_tensor_data(gguf.quants.quantize(load(), stored))
             counts[stored.name] = counts.get(stored.name, 0) + 1
         writer.close()
