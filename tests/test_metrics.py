@@ -37,6 +37,19 @@ def test_a_misspelt_sink_is_named_with_the_closest_one():
     assert "fix: metrics.report_to=[tensorboard]" in str(err.value)
 
 
+def test_a_store_mlflow_refuses_is_a_clear_error_naming_the_sink(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from qlorax.engine.metrics import open_metrics
+    from qlorax.errors import QloraxError
+    from qlorax.paths import RunPaths
+    from qlorax.spec import compose
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)   # MLflow 3.x refuses file: stores without it
+    spec = compose(["metrics.report_to=[mlflow]", f"metrics.mlflow_tracking_uri=file://{tmp_path / 'mlruns'}"])
+    with pytest.raises(QloraxError, match="could not open the mlflow sink: .*sqlite"):
+        open_metrics(spec, RunPaths(tmp_path / "run"), 0)
+
+
 def _logged(run_dir) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

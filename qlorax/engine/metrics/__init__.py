@@ -68,12 +68,17 @@ def open_metrics(spec: RunSpec, paths: RunPaths, start_step: int, enabled: bool 
     sinks = []
     for name in ("jsonl", *dict.fromkeys(spec.metrics.report_to)):
         problem = missing_library(name)
-        if problem:
+        if problem:   # validation catches this; a worker in another environment (a pod's image) may still meet it
             for sink in sinks:
                 sink.close("failed")
             raise QloraxError(f"metrics.report_to: {problem}, or drop {name} from metrics.report_to")
         module = importlib.import_module(SINKS[name][0])
-        sinks.append(module.open_sink(spec, paths, start_step))
+        try:
+            sinks.append(module.open_sink(spec, paths, start_step))
+        except Exception as exc:   # e.g. an MLflow store that refuses or cannot be reached: say which sink, no traceback
+            for sink in sinks:
+                sink.close("failed")
+            raise QloraxError(f"metrics.report_to: could not open the {name} sink: {exc}") from exc
     if len(sinks) > 1:
         log.info("metrics: %s", ", ".join(sink.where for sink in sinks))
     return Metrics(sinks)
