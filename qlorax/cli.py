@@ -4,6 +4,7 @@
     qlorax run   [overrides...]            train -> merge -> verify (stages=[...] selects)
     qlorax merge  run_dir=DIR [merge.*]    merge the latest adapter of a run
     qlorax verify run_dir=DIR [verify.*]   base vs fine-tuned generations and perplexity
+    qlorax export run_dir=DIR [format=gguf gguf_type=f16|bf16|q8_0]   the merged model as GGUF
     qlorax plan  [overrides...]            resolved spec, launch plan and memory estimate; loads no model
     qlorax runs  [DIR]                     list run directories and their status
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from qlorax.errors import QloraxError, record_unexpected
 
-COMMANDS = ("train", "run", "merge", "verify", "plan", "runs")
+COMMANDS = ("train", "run", "merge", "verify", "export", "plan", "runs")
 HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-path", "-cp", "--config-name",
                           "-cn", "--config-dir", "-cd", "--experimental-rerun"}
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "runs":
             return _runs(rest)
-        if command in ("merge", "verify"):
+        if command in ("merge", "verify", "export"):
             return _stage_on_run_dir(command, rest)
         if command == "plan":
             return _plan(rest)
@@ -264,6 +265,11 @@ def check_inputs(spec) -> None:
     if spec.parallel.launcher == "k8s":
         return   # paths refer to the cluster's volume, not to this machine
     check_vocab_fits(check_model_path(spec))
+    if "export" in spec.stages:   # refuse an architecture the exporter cannot map before training it
+        from qlorax.engine.export import check_exportable
+        from qlorax.engine.model import resolve_model_path
+
+        check_exportable(spec, resolve_model_path(spec))
     if data_source(spec.data)[1] == "hub":
         return   # fetched by the ranks themselves
     rows, source = read_rows(spec.data)
@@ -290,11 +296,13 @@ def _stage_on_run_dir(command: str, args: list[str]) -> int:
     if not paths.spec.is_file():
         raise QloraxError(f"{paths.root} is not a run directory (no spec.yaml): create it with "
                           f"`qlorax train run_dir={paths.root}`")
-    allowed = ("merge.", "verify.", "quiet", "run_dir")
+    allowed = ("merge.", "verify.", "export.", "quiet", "run_dir")
     extra = [a for a in args if not a.startswith("run_dir=")]
+    if command == "export":   # `qlorax export format=gguf gguf_type=q8_0` reads better than export.format=...
+        extra = [f"export.{a}" if a.split("=", 1)[0] in ("format", "gguf_type") else a for a in extra]
     wrong = [a for a in extra if not a.startswith(allowed)]
     if wrong:
-        raise QloraxError(f"`qlorax {command}` on an existing run only takes merge.* / verify.* / quiet overrides, "
+        raise QloraxError(f"`qlorax {command}` on an existing run only takes merge.* / verify.* / export.* / quiet overrides, "
                           f"not {', '.join(wrong)}; start a new run to change training settings")
     stored, recorded = load_run_spec(paths.root)   # the directory given is the run, wherever it was created
     spec = with_overrides(stored, extra)

@@ -15,6 +15,9 @@
       verify.json               base vs fine-tuned generations and held-out perplexity
       report.md, loss.png       run report
       k8s/                      rendered Kubernetes manifests (parallel=k8s)
+      tensorboard/              TensorBoard event files (metrics.report_to=[tensorboard])
+      mlflow_run.json           id and store of the run's MLflow run (metrics.report_to=[mlflow])
+      export/model-f16.gguf     the merged model as GGUF (qlorax export; f16, bf16 or q8_0)
 """
 from __future__ import annotations
 
@@ -50,6 +53,12 @@ class RunPaths:
     loss_plot = property(lambda self: self.root / "loss.png")
     k8s = property(lambda self: self.root / "k8s")
     tensorboard = property(lambda self: self.root / "tensorboard")
+    mlflow_run = property(lambda self: self.root / "mlflow_run.json")
+    export = property(lambda self: self.root / "export")
+
+    def gguf(self, tensor_type: str) -> Path:
+        """The exported GGUF file for one tensor type (f16, bf16, q8_0)."""
+        return self.export / f"model-{tensor_type}.gguf"
 
     MERGE_STAGING_PREFIX = ".merged-"
 

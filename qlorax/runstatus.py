@@ -126,7 +126,7 @@ def describe(run_dir: Path) -> RunRow:
     total = record.get("total_steps")
     if total:
         steps = f"{steps}/{total}"
-    outputs = [p.name for p in (paths.merged, paths.verify, paths.report) if p.exists()]
+    outputs = [p.name for p in (paths.merged, paths.verify, paths.export, paths.report) if p.exists()]
     if checkpoints:
         outputs.insert(0, f"checkpoints/{checkpoints[-1][1].name}")
     if state == "failed" and record.get("error"):

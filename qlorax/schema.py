@@ -202,6 +202,26 @@ class VerifyConfig(_Freezable):
 
 
 @dataclass
+class MetricsConfig(_Freezable):
+    report_to: List[str] = opt(help="where logged steps go besides run_dir/metrics.jsonl (always written): "
+                               "tensorboard (event files in run_dir/tensorboard/), mlflow (a run in "
+                               "metrics.mlflow_tracking_uri); e.g. [tensorboard,mlflow]", factory=list,
+                               choices=("tensorboard", "mlflow"))
+    mlflow_tracking_uri: Optional[str] = opt(None, help="MLflow tracking store (sqlite:///mlflow.db, file:///path/mlruns, "
+                                             "http://host:5000); null uses MLFLOW_TRACKING_URI, else MLflow's default")
+    mlflow_experiment: str = opt("qlorax", help="MLflow experiment the run is logged under (created when absent)")
+
+
+@dataclass
+class ExportConfig(_Freezable):
+    format: str = opt("gguf", help="export format: gguf (llama.cpp, ollama, LM Studio) of the merged model",
+                      choices=("gguf",))
+    gguf_type: str = opt("f16", help="type of the 2-D weights: f16, bf16 or q8_0 (8-bit blocks of 32; a weight whose "
+                         "rows do not split into blocks of 32 stays f16); norms always stay f32",
+                         choices=("f16", "bf16", "q8_0"))
+
+
+@dataclass
 class K8sConfig(_Freezable):
     kind: str = opt("pytorchjob", help="manifest kind", choices=("pytorchjob", "mpijob", "job"))
     namespace: str = opt("default", help="namespace of every rendered object")
@@ -236,16 +256,20 @@ class RunSpec(_Freezable):
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     k8s: K8sConfig = field(default_factory=K8sConfig)
     workers: int = opt(1, help="number of ranks (processes or pods)", ge=1)
     run_dir: Optional[str] = opt(None, help="run directory to create or reuse; null uses Hydra's output directory")
     resume: str = opt("auto", help="auto continues the latest valid checkpoint in run_dir; never starts fresh",
                       choices=("auto", "never"))
     seed: int = opt(42, help="seed of model init, LoRA init and dropout")
-    stages: List[str] = opt(help="stages `qlorax run` chains", factory=lambda: ["train", "merge", "verify"])
+    stages: List[str] = opt(help="stages `qlorax run` chains, in the order train, merge, verify, export "
+                          "(export writes run_dir/export/model-<type>.gguf)", factory=lambda: ["train", "merge", "verify"])
     quiet: bool = opt(False, help="no progress bar; plain log lines only (CI)")
 
 
+STAGES = ("train", "merge", "verify", "export")   # in the order `qlorax run` chains them
 GROUPS = ("model", "quant", "data", "lora", "parallel", "hardware")
 
 

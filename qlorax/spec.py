@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import yaml
 
 from qlorax.errors import ConfigError, Problem
-from qlorax.schema import GROUPS, RunSpec, register_configs
+from qlorax.schema import GROUPS, STAGES, RunSpec, register_configs
 from qlorax.specfile import lookup, to_dict
 
 CONFIG_MODULE = "qlorax.conf"
@@ -147,6 +147,14 @@ def _override_text(value: Any) -> str:
     return str(value)
 
 
+def _choice_fix(value: Any, wrong: Any, choices: tuple) -> str:
+    """The override text with ``wrong`` replaced by its closest allowed choice."""
+    closest = difflib.get_close_matches(str(wrong), [str(c) for c in choices], 1, 0.0)[0]
+    if not isinstance(value, (list, tuple)):
+        return closest
+    return "[" + ",".join(dict.fromkeys(closest if v == wrong else str(v) for v in value)) + "]"
+
+
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("Optional[", "").rstrip("]")
     return {"int": "integer", "float": "number", "bool": "boolean (true/false)", "str": "string"}.get(text, text)
@@ -160,9 +168,11 @@ def _constraint_problems(spec: RunSpec) -> list[Problem]:
         meta = f.metadata
         if value is None:
             continue
-        if meta.get("choices") and value not in meta["choices"]:
-            problems.append(Problem(key, f"'{value}' is not one of {', '.join(map(str, meta['choices']))}",
-                                    f"{key}={difflib.get_close_matches(str(value), meta['choices'], 1, 0.0)[0]}"))
+        if meta.get("choices"):   # a list field's choices apply to each of its items
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if item not in meta["choices"]:
+                    problems.append(Problem(key, f"'{item}' is not one of {', '.join(map(str, meta['choices']))}",
+                                            f"{key}={_choice_fix(value, item, meta['choices'])}"))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
@@ -266,9 +276,23 @@ def _cross_problems(spec: RunSpec, out_of_range: frozenset[str] = frozenset()) -
     if d.chat_format == "none" and (d.chat_template != "auto" or d.skip_bad_rows or d.messages_field):
         p.append(Problem("data.chat_format", "data.chat_template / data.skip_bad_rows / data.messages_field apply "
                          "to conversations only", "data=chat (or data.chat_format=openai|sharegpt)"))
-    bad_stages = [s for s in spec.stages if s not in ("train", "merge", "verify")]
+    bad_stages = [s for s in spec.stages if s not in STAGES]
     if bad_stages:
-        p.append(Problem("stages", f"unknown stage(s) {bad_stages}", "stages=[train,merge,verify]"))
+        p.append(Problem("stages", f"unknown stage(s) {bad_stages}", f"stages=[{','.join(STAGES)}]"))
+    if par.launcher != "k8s":   # pods bring their own image; its libraries are not this machine's
+        from qlorax.engine.metrics import missing_library
+
+        for sink in dict.fromkeys(spec.metrics.report_to):
+            problem = missing_library(sink)
+            if problem:
+                others = [s for s in spec.metrics.report_to if s != sink]
+                p.append(Problem("metrics.report_to", problem, f"metrics.report_to=[{','.join(others)}]"))
+        if "export" in spec.stages:
+            from qlorax.engine.export import missing_library as missing_exporter
+
+            problem = missing_exporter(spec.export.format)
+            if problem:
+                p.append(Problem("stages", problem, f"stages=[{','.join(s for s in spec.stages if s != 'export')}]"))
     k = spec.k8s
     for key in ("cpu", "memory"):
         if not K8S_QUANTITY.match(str(getattr(k, key))):

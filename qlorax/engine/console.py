@@ -2,18 +2,16 @@
 
 On a terminal (and unless ``quiet``) a rich progress bar shows step, loss, learning rate,
 tokens/s, ETA and RSS. Otherwise (CI, pipes, pods) only plain lines are written, with no
-control characters. Either way the reference's ``{'loss': ..., 'learning_rate': ..., 'epoch': ...}``
+control characters. Metrics files are ``qlorax.engine.metrics``' business. Either way the reference's ``{'loss': ..., 'learning_rate': ..., 'epoch': ...}``
 line is printed every ``logging_steps``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger("qlorax")
 
@@ -40,7 +38,7 @@ def setup_logging(log_file: Path | None = None, rank: int = 0, quiet: bool = Fal
         per_rank = logging.FileHandler(Path(rank_logs) / f"rank-{rank}.log")
         per_rank.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(per_rank)
-    for noisy in ("transformers", "peft", "bitsandbytes", "accelerate"):
+    for noisy in ("transformers", "peft", "bitsandbytes", "accelerate", "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:   # weight-loading bars are noise in logs; our own progress bar is the one to watch
@@ -62,74 +60,6 @@ def peak_rss_mib() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class MetricsWriter:
-    """metrics.jsonl (always), TensorBoard when installed, MLflow when MLFLOW_TRACKING_URI is set."""
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None, enabled: bool = True):
-        self.enabled = enabled
-        self.path = path
-        self._tb = None
-        self._mlflow = None
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(tensorboard_dir))
-            except Exception:   # tensorboard is an optional extra
-                self._tb = None
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            try:
-                import mlflow
-
-                mlflow.start_run(run_name=path.parent.name)
-                self._mlflow = mlflow
-            except Exception as exc:
-                log.warning("MLflow is configured but unavailable (%s); metrics go to %s only", exc, path.name)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if self._tb is not None:
-            for k, v in numbers.items():
-                self._tb.add_scalar(k, v, record["step"])
-        if self._mlflow is not None:
-            self._mlflow.log_metrics(numbers, step=record["step"])
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._mlflow is not None:
-            self._mlflow.end_run()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue   # a line cut by a kill
-    return out
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records past ``last_step`` (and any line cut by a kill) before a resumed run appends."""
-    if not path.is_file():
-        return
-    kept = [json.dumps(r) for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 def reference_line(loss: float, learning_rate: float, epoch: float) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from qlorax.engine.console import read_metrics
+from qlorax.engine.metrics.jsonl import read_metrics
 from qlorax.paths import RunPaths, read_json
 
 log = logging.getLogger("qlorax")

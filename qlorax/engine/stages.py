@@ -1,4 +1,4 @@
-"""The stages after training, run in order on one process: merge -> verify -> report."""
+"""The stages after training, run in order on one process: merge -> verify -> export -> report."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +12,11 @@ log = logging.getLogger("qlorax")
 
 
 def run_stages(spec: RunSpec, stages: list[str]) -> dict:
-    """Run ``merge`` / ``verify`` (in that order, those asked for), then refresh the run report."""
+    """Run ``merge`` / ``verify`` / ``export`` (in that order, those asked for), then refresh the run report."""
     paths = RunPaths(spec.run_dir)
     setup_logging(paths.log, 0, spec.quiet)
     results = {}
-    for stage in ("merge", "verify"):
+    for stage in ("merge", "verify", "export"):
         if stage not in stages:
             continue
         with runstatus.tracking(paths, stage):
@@ -24,10 +24,14 @@ def run_stages(spec: RunSpec, stages: list[str]) -> dict:
                 from qlorax.engine.merge import merge
 
                 results[stage] = merge(spec)
-            else:
+            elif stage == "verify":
                 from qlorax.engine.verify import verify
 
                 results[stage] = verify(spec)
+            else:
+                from qlorax.engine.export import export
+
+                results[stage] = export(spec)
         runstatus.write(paths, "finished", stage)
     from qlorax.engine.report import write_report
 

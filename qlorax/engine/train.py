@@ -17,11 +17,11 @@ from typing import Any
 
 from qlorax import hardware, runstatus
 from qlorax.engine import checkpoint, distributed
-from qlorax.engine.console import (MetricsWriter, Progress, peak_rss_mib, reference_line, rss_mib, setup_logging,
-                                   truncate_metrics)
+from qlorax.engine.console import Progress, peak_rss_mib, reference_line, rss_mib, setup_logging
 from qlorax.engine.data import collate, global_target_tokens, prepare, rank_micro_batches
 from qlorax.engine.lean import make_lean
 from qlorax.engine.lm import autocast, held_out_loss, loss_sum
+from qlorax.engine.metrics import open_metrics
 from qlorax.engine.model import attach_lora, load_tokenizer, resolve_model_path, trainable_parameters
 from qlorax.engine.quant import linear_weight_bytes, load_base_model, unquantized_linear_layers
 from qlorax.errors import Interrupted
@@ -107,8 +107,6 @@ def train(spec: RunSpec) -> dict[str, Any]:
         torch.set_rng_state(state["rng"][world.rank] if world.rank < len(state["rng"]) else state["rng"][0])
         random.setstate(_tuple(state["py_rng"]))
         start_step, initial_eval = step, state.get("initial_eval_loss")
-        if world.is_main:
-            truncate_metrics(paths.metrics, step)   # steps after the checkpoint are redone
         log.info("resumed from %s (step %d of %d)", where, step, total_steps)
     else:
         torch.manual_seed(spec.seed + world.rank)   # dropout differs per rank
@@ -137,7 +135,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
     # ---- loop
     stop = {"signal": None}
     previous = {s: signal.signal(s, lambda num, frame: stop.update(signal=num)) for s in (signal.SIGINT, signal.SIGTERM)}
-    metrics = MetricsWriter(paths.metrics, paths.tensorboard, enabled=world.is_main)
+    metrics = open_metrics(spec, paths, start_step, enabled=world.is_main)   # steps past start_step are redone
+    outcome = "finished"
     progress = Progress(total_steps, start_step, enabled=world.is_main and not spec.quiet)
     model.train()
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
@@ -212,9 +211,12 @@ def train(spec: RunSpec) -> dict[str, Any]:
                 name = signal.Signals(stop["signal"]).name
                 raise Interrupted(f"{name}: stopped at step {step} after saving a checkpoint; continue with "
                                   f"`qlorax train run_dir={paths.root} resume=auto`")
+    except BaseException as exc:
+        outcome = "interrupted" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "failed"
+        raise
     finally:
         progress.close()
-        metrics.close()
+        metrics.close(outcome)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -312,7 +314,7 @@ def _tuple(value):
 
 
 def _mean_rate(paths: RunPaths) -> float | None:
-    from qlorax.engine.console import read_metrics
+    from qlorax.engine.metrics.jsonl import read_metrics
 
     rates = [r["tokens_per_s"] for r in read_metrics(paths.metrics) if "tokens_per_s" in r]
     return sum(rates) / len(rates) if rates else None
