@@ -23,7 +23,8 @@ log = logging.getLogger("qlorax")
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
-# Everything the built model depends on; its hash names the cache directory.
+# Everything the built model depends on; its hash names the cache directory. Bump "version" when
+# the code that builds it changes, so caches holding the old base are not reused.
 RECIPE = {
     "version": 2,
     "model": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -139,14 +140,25 @@ def pretrain(model, stream) -> None:
     model.train()
     started = time.monotonic()
     with _single_thread():
-        _steps(model, stream, p, generator, optimizer, schedule, started)
+        for step in range(p["steps"]):
+            starts = torch.randint(0, len(stream) - p["block"], (p["batch"],), generator=generator)
+            batch = torch.stack([stream[s:s + p["block"]] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % 50 == 0:
+                log.info("  pre-training step %d/%d  loss %.3f  (%.0f s)", step + 1, p["steps"], loss.item(),
+                         time.monotonic() - started)
     model.eval()
 
 
 @contextlib.contextmanager
 def _single_thread():
-    """Pre-train on one thread: these matmuls are too small to split (two threads are slower on a
-    busy machine), and one thread gives the same weights on every machine with the same ISA."""
+    """Pre-train on one thread: these matmuls are too small to split (two threads are many times
+    slower on a busy machine), and one thread gives the same weights on every machine with the same ISA."""
     import torch
 
     threads = torch.get_num_threads()
@@ -155,20 +167,3 @@ def _single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _steps(model, stream, p, generator, optimizer, schedule, started) -> None:
-    import torch
-
-    for step in range(p["steps"]):
-        starts = torch.randint(0, len(stream) - p["block"], (p["batch"],), generator=generator)
-        batch = torch.stack([stream[s:s + p["block"]] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0:
-            log.info("  pre-training step %d/%d  loss %.3f  (%.0f s)", step + 1, p["steps"], loss.item(),
-                     time.monotonic() - started)
