@@ -17,7 +17,7 @@ from qlorax.errors import QloraxError
 from qlorax.schema import RunSpec
 
 RUNTIME_BYTES = 600 * 2**20          # torch + transformers + peft imported, thread pools
-TINY_SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 192, "vocab_size": 260,
+TINY_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "intermediate_size": 256, "vocab_size": 260,
               "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
 
 
