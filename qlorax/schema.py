@@ -74,6 +74,9 @@ class QuantConfig(_Freezable):
                        "bf16 matmul) or int8 (int8 x int8 matmuls for forward and input gradient from a kept int8 "
                        "copy of the weight; ~2x the bf16 rate on VNNI/AMX Xeons, 1 byte per weight)",
                        choices=("bf16", "int8"))
+    int8_weight: str = opt("int8", help="int8 compute: how the base weight is kept: int8 (1 byte per weight, fastest) or "
+                           "int4 (4 bits plus an integer multiplier per 64 weights, unpacked to int8 per use: NF4's "
+                           "memory, slower than int8)", choices=("int8", "int4"))
     int8_smoothing: float = opt(0.5, help="int8 compute: SmoothQuant strength alpha; outlier activation channels are "
                                 "divided by max|x|^alpha / max|W|^(1-alpha), the weight multiplied; 0 disables", ge=0, le=1)
     int8_calibration_batches: int = opt(4, help="int8 compute: training micro-batches of the smoothing calibration pass",

@@ -72,7 +72,7 @@ def test_smoothing_keeps_the_function_and_rescues_outlier_channels():
 def test_fused_kernels_match_the_unfused_reference():
     fused = int8._fused()
     assert fused is not None, "torch.compile of the int8 quantizers failed (needs a C++ compiler: apt-get install g++)"
-    quantize, epilogue = fused
+    quantize, epilogue, unpack = fused
     torch.manual_seed(0)
     for rows, cols in ((1, 64), (33, 172), (256, 2048)):
         x = torch.randn(rows, cols, dtype=torch.bfloat16) * 3
