@@ -7,8 +7,8 @@
     make bench / make bench-quick
 
 Each backend runs in its own process (so peak RSS covers the whole process, load included):
-NF4 (bitsandbytes, the default), NF4 storage with int8 compute (nf4_int8), int8 weights made from
-the bf16 checkpoint with int8 compute (int8), bf16 LoRA (no quantization), "peer" (the same step as a
+NF4 (bitsandbytes, the default), int8 compute on the NF4-loaded base with int8 weights kept (nf4_int8) or
+int4 weights unpacked per use (nf4_int4), int8 compute with int8 weights made from the bf16 checkpoint (int8), bf16 LoRA (no quantization), "peer" (the same step as a
 Hugging Face user writes it: transformers + peft + bitsandbytes, prepare_model_for_kbit_training) and,
 when `.venv-bigdl` exists, the reference's ipex-llm sym_int4. `--backends nf4_int8,bf16` picks rows. After a warm-up step per process, steps run in rounds
 (A B C A B C ...) so that drift of the machine hits every backend alike. The same run measures
@@ -34,9 +34,10 @@ SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, 
 # Rows of the table: a name, the overrides that select it. "peer" is no qlorax mode but the same step as a
 # Hugging Face user writes it (transformers + peft + bitsandbytes NF4, prepare_model_for_kbit_training).
 BACKENDS = {"nf4": ["quant=nf4"], "bf16": ["quant=none"], "sym_int4": ["quant=bigdl"],
-            "nf4_int8": ["quant=nf4", "quant.compute=int8"], "int8": ["quant=none", "quant.compute=int8"],
-            "peer": []}
-DEFAULT_BACKENDS = "nf4,nf4_int8,int8,bf16,sym_int4,peer"
+            "nf4_int8": ["quant=nf4", "quant.compute=int8"],
+            "nf4_int4": ["quant=nf4", "quant.compute=int8", "quant.int8_weight=int4"],
+            "int8": ["quant=none", "quant.compute=int8"], "peer": []}
+DEFAULT_BACKENDS = "nf4,nf4_int8,nf4_int4,int8,bf16,sym_int4,peer"
 TARGETS = {"qkv": ["lora=default"], "all-linear": ["lora=all_linear"]}
 BIGDL_PYTHON = REPO / ".venv-bigdl" / "bin" / "python"
 
@@ -276,8 +277,9 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="comma-separated micro-batch sizes (default 1,4)")
     parser.add_argument("--targets", default=None, help="comma-separated: qkv,all-linear")
     parser.add_argument("--backends", default=None,
-                        help=f"comma-separated rows, any of {DEFAULT_BACKENDS} (default: all; nf4_int8 = NF4 storage + "
-                             "int8 compute, int8 = int8 weights from bf16 + int8 compute, peer = transformers+peft+bnb)")
+                        help=f"comma-separated rows, any of {DEFAULT_BACKENDS} (default: all; nf4_int8 = loaded as NF4, "
+                             "int8 weights kept, int8 compute; nf4_int4 = the same with int4 weights unpacked per use; "
+                             "int8 = int8 weights from the bf16 checkpoint; peer = transformers+peft+bitsandbytes)")
     parser.add_argument("--scaling", action="store_true",
                         help="multi-process scaling through the real CLI: N ranks x 1 thread vs 1 rank x N threads")
     parser.add_argument("--scaling-args", default="model=stories260k data=english_quotes",

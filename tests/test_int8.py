@@ -46,6 +46,30 @@ def test_int8_linear_matches_the_float_layer(tokens, in_features, out_features, 
     assert layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_int4_storage_unpacks_to_the_int8_it_computes_with(fuse):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 192) * 0.05
+    weight[4, 100] = 0.9   # one large weight: its group gets a large multiplier, the others stay fine
+    packed, mult, unit = int8.pack_int4(weight)
+    assert packed.shape == (96, 96) and packed.dtype == torch.uint8 and mult.shape == (96, 3)
+    as_int8 = int8.kernels(fuse)[2](packed, mult)
+    assert torch.equal(as_int8, int8.unpack_int4(packed, mult))
+    assert int(as_int8.abs().max()) <= 127
+    assert _relative_error(as_int8.float() * unit[:, None], weight) < 0.13   # 4-bit rounding, as NF4's ~0.1
+    layer = int8.make_int8_linear(weight, storage="int4", fuse=fuse)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == weight.numel() // 2
+    reference = torch.nn.Linear(192, 96, bias=False)
+    reference.weight.data = layer.dequantized_weight()
+    reference.requires_grad_(False)
+    x, grad = torch.randn(40, 192), torch.randn(40, 96)
+    want_y, want_dx = _forward_backward(reference, x, grad, autocast=False)
+    y, dx = _forward_backward(layer, x, grad, autocast=False)
+    assert _relative_error(y, want_y) < 0.02 and _relative_error(dx, want_dx) < 0.02
+    odd = int8.make_int8_linear(torch.randn(8, 172), storage="int4", fuse=fuse)   # K not a multiple of 64: int8 kept
+    assert odd.weight.dtype == torch.int8
+
+
 def test_smoothing_keeps_the_function_and_rescues_outlier_channels():
     torch.manual_seed(0)
     weight = torch.randn(64, 128) * 0.05
