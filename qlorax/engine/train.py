@@ -82,7 +82,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
     weights = linear_weight_bytes(model)
     log.info("weights: decoder linear layers %.1f MiB (%s, %d left unquantized), other %.1f MiB; "
              "%d trainable LoRA parameters", weights["linear"] / 2**20,
-             spec.quant.type if spec.quant.backend != "none" else precision, len(unquantized),
+             _weight_format(spec, precision), len(unquantized),
              weights["other"] / 2**20, sum(p.numel() for p in params))
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay)
@@ -230,6 +230,12 @@ def prepare_for_training(model, spec: RunSpec, precision: str) -> list:
     if spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return params
+
+
+def _weight_format(spec: RunSpec, precision: str) -> str:
+    if spec.quant.compute == "int8":
+        return f"{spec.quant.int8_weight}, int8 compute"
+    return spec.quant.type if spec.quant.backend != "none" else precision
 
 
 def _micro_batches(examples, micro: int, count: int, pad_id: int) -> list:
