@@ -104,15 +104,16 @@ def test_fused_kernels_match_the_unfused_reference():
         q_ref, s_ref = int8.quantize_rows(x, col_scale)
         q, s = quantize(x, col_scale)
         assert q.dtype == torch.int8 and q.shape == q_ref.shape
-        assert torch.allclose(s, s_ref, rtol=1e-6)
+        assert torch.allclose(s, s_ref, rtol=1e-6), float((s - s_ref).abs().max())
         # the compiled and eager roundings may differ by one step where a value sits on a .5 boundary
         assert int((q.int() - q_ref.int()).abs().max()) <= 1
-        assert float((q != q_ref).float().mean()) < 1e-3
+        assert float((q != q_ref).float().mean()) < 1e-3, float((q != q_ref).float().mean())
         acc = torch._int_mm(q_ref.repeat(17, 1)[:max(rows, 17)], q_ref.t().contiguous())
         row_scale = torch.rand(acc.shape[0], 1)
         want = int8.scale_accumulator(acc, row_scale, s_ref.reshape(-1), torch.bfloat16)
         got = epilogue(acc, row_scale, s_ref.reshape(-1), torch.bfloat16)
-        assert torch.equal(got, want)
+        # the compiled epilogue may multiply in another order: at most one bf16 rounding step apart
+        assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=0), float((got.float() - want.float()).abs().max())
 
 
 # ------------------------------------------------------------------ the guard, on a real model
