@@ -9,7 +9,7 @@ import torch
 from qlorax.engine.quant import int8, int8_guard
 from qlorax.errors import ConfigError, QloraxError
 from qlorax.spec import compose
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 def _relative_error(got, want) -> float:
