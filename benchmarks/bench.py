@@ -8,8 +8,10 @@
     make bench / make bench-quick
 
 Each backend runs in its own process (so peak RSS covers the whole process, load included):
-NF4 (bitsandbytes, the default), bf16 LoRA (no quantization) and, when `.venv-bigdl` exists,
-the reference's ipex-llm sym_int4. After a warm-up step per process, steps run in rounds
+NF4 (bitsandbytes, the default), int8 compute on the NF4-loaded base with int8 weights kept (nf4_int8) or
+int4 weights unpacked per use (nf4_int4), int8 compute with int8 weights made from the bf16 checkpoint (int8), bf16 LoRA (no quantization), "peer" (the same step as a
+Hugging Face user writes it: transformers + peft + bitsandbytes, prepare_model_for_kbit_training) and,
+when `.venv-bigdl` exists, the reference's ipex-llm sym_int4. `--backends nf4_int8,bf16` picks rows. After a warm-up step per process, steps run in rounds
 (A B C A B C ...) so that drift of the machine hits every backend alike. The same run measures
 the machine's bf16 matmul rate and reports model FLOPs utilisation (MFU).
 
@@ -30,7 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048)
-BACKENDS = {"nf4": ["quant=nf4"], "bf16": ["quant=none"], "sym_int4": ["quant=bigdl"]}
+# Rows of the table: a name, the overrides that select it. "peer" is no qlorax mode but the same step as a
+# Hugging Face user writes it (transformers + peft + bitsandbytes NF4, prepare_model_for_kbit_training).
+BACKENDS = {"nf4": ["quant=nf4"], "bf16": ["quant=none"], "sym_int4": ["quant=bigdl"],
+            "nf4_int8": ["quant=nf4", "quant.compute=int8"],
+            "nf4_int4": ["quant=nf4", "quant.compute=int8", "quant.int8_weight=int4"],
+            "int8": ["quant=none", "quant.compute=int8"], "peer": []}
+DEFAULT_BACKENDS = "nf4,nf4_int8,nf4_int4,int8,bf16,sym_int4,peer"
 TARGETS = {"qkv": ["lora=default"], "all-linear": ["lora=all_linear"]}
 BIGDL_PYTHON = REPO / ".venv-bigdl" / "bin" / "python"
 
@@ -76,35 +84,35 @@ def worker(config: dict) -> None:
 
     import torch
 
+    if config["backend"] == "peer":
+        return peer_worker(config)
+
     from qlorax import hardware
     from qlorax.engine.lm import autocast, loss_sum
     from qlorax.engine.model import attach_lora
-    from qlorax.engine.quant import linear_weight_bytes, load_base_model
+    from qlorax.engine.quant import linear_weight_bytes, load_base_model, use_compute
     from qlorax.engine.train import prepare_for_training
     from qlorax.spec import compose
 
     started = time.perf_counter()
     spec = compose([f"model.path={config['model']}", *BACKENDS[config["backend"]], *TARGETS[config["targets"]],
                     "lora.dropout=0.05", f"train.micro_batch_size={config['batch']}", f"train.batch_size={config['batch']}",
-                    f"data.cutoff_len={config['seq']}"])
+                    f"data.cutoff_len={config['seq']}", "quant.int8_calibration_batches=1", "quant.int8_guard_batches=1"])
     precision, _ = hardware.choose_precision("auto", hardware.detect())
     model = attach_lora(load_base_model(spec, config["model"], precision), spec)
     params = prepare_for_training(model, spec, precision)
     optimizer = torch.optim.AdamW(params, lr=2e-4)
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (config["batch"], config["seq"]), generator=generator)
-    mask = torch.ones_like(ids)
+    ids, mask = random_batch(config, model.config.vocab_size)
+    compute = use_compute(model, spec, [(ids, mask, ids)], [(ids, mask, ids)], precision)
     weights = linear_weight_bytes(model)
     emit({"ready": True, "load_s": time.perf_counter() - started, "linear_bytes": weights["linear"],
           "other_bytes": weights["other"], "lora_params": sum(p.numel() for p in params),
           "threads": torch.get_num_threads(), "precision": precision,
-          "load_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+          "load_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+          "int8_loss_gap": compute.get("loss_gap")})
     model.train()
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
-        t0 = time.perf_counter()
+
+    def step() -> float:
         with autocast(precision):
             summed, count = loss_sum(model, ids, mask, ids)
         (summed / count).backward()
@@ -113,8 +121,73 @@ def worker(config: dict) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    serve_steps(step)
+
+
+def random_batch(config: dict, vocab: int):
+    """The benchmark's one micro-batch of random token ids (the same in every worker) and its mask."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (config["batch"], config["seq"]), generator=generator)
+    return ids, torch.ones_like(ids)
+
+
+def serve_steps(step) -> None:
+    """Run ``step()`` per 'step' line on stdin, reporting its time and loss; then the process's peak RSS."""
+    import resource
+
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t0 = time.perf_counter()
+        loss = step()
         emit({"seconds": time.perf_counter() - t0, "loss": loss})
     emit({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def peer_worker(config: dict) -> None:
+    """The step as a Hugging Face user writes it: transformers' bitsandbytes NF4 loader,
+    peft's prepare_model_for_kbit_training (its defaults: fp32 norms/embeddings, gradient checkpointing),
+    get_peft_model, bf16 autocast, the model's own loss."""
+    import resource
+
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(config["model"], quantization_config=quantization,
+                                                 dtype=torch.bfloat16, device_map="cpu")
+    model = prepare_model_for_kbit_training(model)
+    targets = "all-linear" if config["targets"] == "all-linear" else ["q_proj", "k_proj", "v_proj"]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    ids, mask = random_batch(config, model.config.vocab_size)
+    linear = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                 if "lora_" not in n and "lm_head" not in n and n.endswith("proj.weight")
+                 or n.endswith("proj.base_layer.weight"))
+    emit({"ready": True, "load_s": time.perf_counter() - started, "linear_bytes": linear, "other_bytes": 0,
+          "lora_params": sum(p.numel() for p in params), "threads": torch.get_num_threads(), "precision": "bf16",
+          "load_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "int8_loss_gap": None})
+    model.train()
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    serve_steps(step)
 
 
 def emit(record: dict) -> None:
@@ -204,7 +277,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batches", default=None, help="comma-separated micro-batch sizes (default 1,4)")
     parser.add_argument("--targets", default=None, help="comma-separated: qkv,all-linear")
-    parser.add_argument("--backends", default=None, help="comma-separated: nf4,bf16,sym_int4")
+    parser.add_argument("--backends", default=None,
+                        help=f"comma-separated rows, any of {DEFAULT_BACKENDS} (default: all; nf4_int8 = loaded as NF4, "
+                             "int8 weights kept, int8 compute; nf4_int4 = the same with int4 weights unpacked per use; "
+                             "int8 = int8 weights from the bf16 checkpoint; peer = transformers+peft+bitsandbytes)")
     parser.add_argument("--scaling", action="store_true",
                         help="multi-process scaling through the real CLI: N ranks x 1 thread vs 1 rank x N threads")
     parser.add_argument("--packing", action="store_true",
@@ -226,7 +302,10 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 3)
     batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,4")).split(",")]
     targets = (args.targets or ("qkv" if args.quick else "qkv,all-linear")).split(",")
-    backends = (args.backends or "nf4,bf16,sym_int4").split(",")
+    backends = (args.backends or DEFAULT_BACKENDS).split(",")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        parser.error(f"--backends: unknown {unknown}; choose from {DEFAULT_BACKENDS}")
     if "sym_int4" in backends and not BIGDL_PYTHON.exists():
         print("sym_int4 (ipex-llm): skipped, .venv-bigdl is absent (make install-bigdl)", flush=True)
         backends.remove("sym_int4")
@@ -251,6 +330,7 @@ def main() -> None:
                 r["vs_bf16_rss"] = r["peak_rss_mib"] / results["bf16"]["peak_rss_mib"] if "bf16" in results else None
                 r["vs_sym_int4_tokens"] = (r["tokens_per_s"] / results["sym_int4"]["tokens_per_s"]
                                            if "sym_int4" in results else None)
+                r["vs_peer_tokens"] = r["tokens_per_s"] / results["peer"]["tokens_per_s"] if "peer" in results else None
                 report["results"].append({"batch": batch, "targets": target, "backend": backend, **r})
     report["wall_s"] = time.perf_counter() - started
     out = REPO / "benchmarks" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -384,13 +464,16 @@ def print_table(report: dict) -> None:
     for batch, rate in report["matmul_flops"].items():
         print(f"bf16 matmul rate at {batch}x{report['seq']} tokens: {rate / 1e9:.0f} GFLOP/s")
     header = (f"{'batch':>5} {'lora':<10} {'backend':<9} {'s/step':>8} {'tok/s':>8} {'peak RSS':>9} {'weights':>9} "
-              f"{'MFU':>6} {'tok/s vs bf16':>13} {'RSS vs bf16':>11} {'tok/s vs sym_int4':>17}")
+              f"{'MFU':>6} {'tok/s vs bf16':>13} {'RSS vs bf16':>11} {'tok/s vs sym_int4':>17} {'vs peer':>7} "
+              f"{'int8 gap':>8}")
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         print(f"{r['batch']:>5} {r['targets']:<10} {r['backend']:<9} {r['median_s_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} "
               f"{r['peak_rss_mib']:>6.0f}MiB {r['linear_bytes'] / 2**20:>6.0f}MiB {r['mfu'] * 100:>5.1f}% "
-              f"{ratio(r['vs_bf16_tokens']):>13} {ratio(r['vs_bf16_rss']):>11} {ratio(r['vs_sym_int4_tokens']):>17}")
+              f"{ratio(r['vs_bf16_tokens']):>13} {ratio(r['vs_bf16_rss']):>11} {ratio(r['vs_sym_int4_tokens']):>17} "
+              f"{ratio(r.get('vs_peer_tokens')):>7} "
+              f"{'-' if r.get('int8_loss_gap') is None else format(100 * r['int8_loss_gap'], '+.2f') + '%':>8}")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ def estimate(spec: RunSpec) -> Estimate:
     quantized = spec.quant.backend != "none"
     half = spec.train.precision != "fp32"
     bytes_per_linear = (0.5 + 4 / 64 * (0.25 if spec.quant.double_quant else 1)) if quantized else (2 if half else 4)
+    if spec.quant.compute == "int8":   # the weights int8 compute keeps (engine/quant/int8.py)
+        bytes_per_linear = 1.0 if spec.quant.int8_weight == "int8" else 0.5 + 1 / 64
     embed = vocab * h * (1 if sizes.tied else 2) * (2 if half else 4)
     weights = int(linear_params * bytes_per_linear + embed)
     lora_params = layers * sum(spec.lora.r * (i + o) for i, o in families.lora_dims(sizes, spec.lora.target_modules))

@@ -70,6 +70,23 @@ class QuantConfig(_Freezable):
     skip_modules: List[str] = opt(help="modules kept unquantized (the head; embeddings are never quantized)",
                                   factory=lambda: ["lm_head"])
     prequantized_dir: Optional[str] = opt(None, help="directory of an already-quantized checkpoint to load or to create")
+    compute: str = opt("bf16", help="how the frozen base's linear layers compute: bf16 (dequantize the stored weight, "
+                       "bf16 matmul) or int8 (int8 x int8 matmuls for forward and input gradient from a kept int8 "
+                       "copy of the weight; ~2x the bf16 rate on VNNI/AMX Xeons, 1 byte per weight)",
+                       choices=("bf16", "int8"))
+    int8_weight: str = opt("int8", help="int8 compute: how the base weight is kept: int8 (1 byte per weight, fastest) or "
+                           "int4 (4 bits plus an integer multiplier per 64 weights, unpacked to int8 per use: NF4's "
+                           "memory, slower than int8)", choices=("int8", "int4"))
+    int8_smoothing: float = opt(0.5, help="int8 compute: SmoothQuant strength alpha; outlier activation channels are "
+                                "divided by max|x|^alpha / max|W|^(1-alpha), the weight multiplied; 0 disables", ge=0, le=1)
+    int8_calibration_batches: int = opt(4, help="int8 compute: training micro-batches of the smoothing calibration pass",
+                                        ge=1)
+    int8_guard_batches: int = opt(4, help="int8 compute: held-out micro-batches on which int8 and bf16 loss are compared "
+                                  "before training", ge=1)
+    int8_max_loss_gap: float = opt(0.02, help="int8 compute: refuse to train when the int8 base's held-out loss exceeds "
+                                   "the bf16 one by more than this fraction (0.02 = 2%)", ge=0)
+    int8_fuse: bool = opt(True, help="int8 compute: fuse the row-wise quantizers and the matmul epilogue with "
+                          "torch.compile (needs a C++ compiler; falls back to unfused torch ops)")
 
 
 @dataclass

@@ -234,6 +234,9 @@ def _cross_problems(spec: RunSpec, out_of_range: frozenset[str] = frozenset()) -
                              "quant=none (sets both)"))
         if q.double_quant:
             p.append(Problem("quant.double_quant", "double quantization needs a 4-bit backend", "quant.double_quant=false"))
+    if q.compute == "int8" and q.backend == "bigdl":
+        p.append(Problem("quant.compute", "int8 compute runs on bitsandbytes 4-bit (quant=nf4/fp4) or bf16 (quant=none) "
+                         "weights, not on ipex-llm's", "quant.compute=bf16 (or quant=nf4)"))
     if q.prequantized_dir and q.backend != "bnb":
         p.append(Problem("quant.prequantized_dir", "pre-quantized checkpoints are supported for quant.backend=bnb",
                          "quant.prequantized_dir=null"))

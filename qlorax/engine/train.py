@@ -23,7 +23,7 @@ from qlorax.engine.lean import make_lean
 from qlorax.engine.lm import autocast, held_out_loss, loss_sum
 from qlorax.engine.metrics import open_metrics
 from qlorax.engine.model import attach_lora, load_tokenizer, resolve_model_path, trainable_parameters
-from qlorax.engine.quant import linear_weight_bytes, load_base_model, unquantized_linear_layers
+from qlorax.engine.quant import linear_weight_bytes, load_base_model, unquantized_linear_layers, use_compute
 from qlorax.errors import Interrupted
 from qlorax.paths import RunPaths, read_json
 from qlorax.schema import RunSpec
@@ -81,15 +81,18 @@ def train(spec: RunSpec) -> dict[str, Any]:
         return finished
 
     # ---- model
+    pad_id = tokenizer.pad_token_id
     torch.manual_seed(spec.seed)   # identical base and LoRA init on every rank
     model = load_base_model(spec, model_path, precision)
     unquantized = unquantized_linear_layers(model, spec)   # named in load_base_model's warning
     model = attach_lora(model, spec)
     params = prepare_for_training(model, spec, precision)
+    compute = use_compute(model, spec, _micro_batches(data.train, micro, spec.quant.int8_calibration_batches, pad_id),
+                          _micro_batches(data.eval, micro, spec.quant.int8_guard_batches, pad_id), precision)
     weights = linear_weight_bytes(model)
     log.info("weights: decoder linear layers %.1f MiB (%s, %d left unquantized), other %.1f MiB; "
              "%d trainable LoRA parameters", weights["linear"] / 2**20,
-             spec.quant.type if spec.quant.backend != "none" else precision, len(unquantized),
+             _weight_format(spec, precision), len(unquantized),
              weights["other"] / 2**20, sum(p.numel() for p in params))
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
                                   weight_decay=t.weight_decay)
@@ -113,8 +116,6 @@ def train(spec: RunSpec) -> dict[str, Any]:
         random.seed(spec.seed + world.rank)
         if world.is_main:
             truncate_metrics(paths.metrics, 0)   # steps of a run killed before its first checkpoint are redone
-
-    pad_id = tokenizer.pad_token_id
 
     def evaluate() -> float | None:
         """Held-out loss; each rank takes a shard of the eval examples."""
@@ -225,7 +226,7 @@ def train(spec: RunSpec) -> dict[str, Any]:
         log.warning("ranks hold different adapters (max difference %.3g): gradient synchronisation failed", divergence)
     summary = {"steps": step, "rank_adapter_max_diff": divergence, "total_steps": total_steps, "final_loss": last_loss, "initial_eval_loss": initial_eval,
                "final_eval_loss": eval_loss, "precision": precision, "precision_reason": why,
-               "quant": f"{spec.quant.backend}/{spec.quant.type}", "world_size": world.size,
+               "quant": f"{spec.quant.backend}/{spec.quant.type}", "compute": compute, "world_size": world.size,
                "linear_weight_bytes": weights["linear"], "other_weight_bytes": weights["other"],
                "unquantized_linear_layers": unquantized,
                "peak_rss_mib": round(peak_rss_mib(), 1), "data": data.stats,
@@ -280,6 +281,17 @@ def prepare_for_training(model, spec: RunSpec, precision: str) -> list:
     if spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return params
+
+
+def _weight_format(spec: RunSpec, precision: str) -> str:
+    if spec.quant.compute == "int8":
+        return f"{spec.quant.int8_weight}, int8 compute"
+    return spec.quant.type if spec.quant.backend != "none" else precision
+
+
+def _micro_batches(examples, micro: int, count: int, pad_id: int) -> list:
+    """The first ``count`` micro-batches of ``examples``, collated (calibration and the int8 guard)."""
+    return [collate(examples[i:i + micro], pad_id) for i in range(0, min(len(examples), count * micro), micro)]
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):

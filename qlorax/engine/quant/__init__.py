@@ -8,6 +8,12 @@ Each backend module is imported only when chosen; its library only when used. It
 ``load(spec, path, compute_dtype)`` and ``dequantize_layer(layer)`` (None for layers not its own), plus
 ``INSTALL`` (how to get its library).
 ``stream`` is the shared quantize-while-loading reader, ``common`` the shared load helpers.
+
+How the base computes is a second, independent choice (``quant.compute``, ``use_compute``):
+
+    bf16    the stored weight dequantized, bf16 matmuls (the backends' own layers)    default
+    int8    int8 x int8 matmuls from a kept int8 copy, SmoothQuant-smoothed,          ``int8`` + ``int8_guard``
+            behind a held-out loss guard
 """
 from __future__ import annotations
 
@@ -61,6 +67,24 @@ def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool
             log.warning("quant: %s/%s left %d linear layer(s) unquantized in %s%s: %s", name, spec.quant.type,
                         len(left), compute_dtype, f" ({why})" if why else "", shown)
     return model
+
+
+def use_compute(model, spec: RunSpec, calibration_batches: list, held_out_batches: list, precision: str) -> dict:
+    """Switch the LoRA model's base to ``quant.compute`` (after its accuracy check); returns what to report.
+
+    Batches are (ids, mask, labels) micro-batches: training ones calibrate, held-out ones measure the loss gap.
+    """
+    if spec.quant.compute == "bf16":
+        return {"compute": "bf16"}
+    from qlorax.engine.quant import int8_guard
+
+    return int8_guard.enable(model, spec, calibration_batches, held_out_batches, precision, _float_weight)
+
+
+def _float_weight(layer):
+    """A base layer's weight as float: dequantized when stored quantized, else the weight itself."""
+    dense = _dequantized_weight(layer)
+    return layer.weight.data if dense is None else dense
 
 
 def unquantized_linear_layers(model, spec: RunSpec) -> list[str]:
@@ -142,7 +166,8 @@ def linear_weight_bytes(model) -> dict[str, int]:
                 continue
             seen.add(id(param))
             nbytes = bnb.weight_bytes(param) if hasattr(param, "quant_state") else param.numel() * param.element_size()
-            is_linear = isinstance(module, torch.nn.Linear) and "lm_head" not in name and pname == "weight"
+            is_linear = ((isinstance(module, torch.nn.Linear) or type(module).__name__ == "Int8Linear")
+                         and "lm_head" not in name and pname == "weight")
             if is_linear:
                 linear += nbytes
             else:

@@ -1,0 +1,199 @@
+"""int8 compute for the frozen base (quant.compute=int8): the layer, its fused kernels, the accuracy guard."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlorax.engine.quant import int8, int8_guard
+from qlorax.errors import ConfigError, QloraxError
+from qlorax.spec import compose
+from conftest import run_cli
+
+
+def _relative_error(got, want) -> float:
+    return float((got.detach().float() - want.detach().float()).norm() / want.detach().float().norm())
+
+
+def _forward_backward(layer, x, grad, autocast: bool):
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.backward(grad.to(y.dtype))
+    return y, x.grad
+
+
+@pytest.mark.parametrize("tokens,in_features,out_features", [(1, 64, 96), (37, 172, 64), (256, 128, 352)])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_int8_linear_matches_the_float_layer(tokens, in_features, out_features, fuse):
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features) * 0.05
+    bias = torch.randn(out_features) * 0.1
+    x = torch.randn(2, tokens, in_features)
+    grad = torch.randn(2, tokens, out_features)
+    reference = torch.nn.Linear(in_features, out_features)
+    reference.weight.data, reference.bias.data = weight, bias
+    reference.requires_grad_(False)
+    want_y, want_dx = _forward_backward(reference, x, grad, autocast=False)
+    layer = int8.make_int8_linear(weight, bias, fuse=fuse)
+    for autocast in (False, True):
+        y, dx = _forward_backward(layer, x, grad, autocast)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert y.shape == want_y.shape and dx.shape == x.shape
+        assert _relative_error(y, want_y) < 0.02
+        assert _relative_error(dx, want_dx) < 0.02
+    assert layer.weight.dtype == torch.int8 and not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_int4_storage_unpacks_to_the_int8_it_computes_with(fuse):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 192) * 0.05
+    weight[4, 100] = 0.9   # one large weight: its group gets a large multiplier, the others stay fine
+    packed, mult, unit = int8.pack_int4(weight)
+    assert packed.shape == (96, 96) and packed.dtype == torch.uint8 and mult.shape == (96, 3)
+    as_int8 = int8.kernels(fuse)[2](packed, mult)
+    assert torch.equal(as_int8, int8.unpack_int4(packed, mult))
+    assert int(as_int8.abs().max()) <= 127
+    assert _relative_error(as_int8.float() * unit[:, None], weight) < 0.13   # 4-bit rounding, as NF4's ~0.1
+    layer = int8.make_int8_linear(weight, storage="int4", fuse=fuse)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == weight.numel() // 2
+    reference = torch.nn.Linear(192, 96, bias=False)
+    reference.weight.data = layer.dequantized_weight()
+    reference.requires_grad_(False)
+    x, grad = torch.randn(40, 192), torch.randn(40, 96)
+    want_y, want_dx = _forward_backward(reference, x, grad, autocast=False)
+    y, dx = _forward_backward(layer, x, grad, autocast=False)
+    assert _relative_error(y, want_y) < 0.02 and _relative_error(dx, want_dx) < 0.02
+    odd = int8.make_int8_linear(torch.randn(8, 172), storage="int4", fuse=fuse)   # K not a multiple of 64: int8 kept
+    assert odd.weight.dtype == torch.int8
+
+
+def test_smoothing_keeps_the_function_and_rescues_outlier_channels():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128) * 0.05
+    x = torch.randn(300, 128)
+    x[:, :3] *= 80   # outlier channels, as large LLMs have them
+    grad = torch.randn(300, 64)
+    reference = torch.nn.Linear(128, 64, bias=False)
+    reference.weight.data = weight
+    reference.requires_grad_(False)
+    want_y, want_dx = _forward_backward(reference, x, grad, autocast=False)
+    absmax = x.abs().amax(dim=0)
+    plain = int8.make_int8_linear(weight, act_absmax=absmax, alpha=0.0, fuse=False)
+    smooth = int8.make_int8_linear(weight, act_absmax=absmax, alpha=0.5, fuse=False)
+    errors = {}
+    for name, layer in (("plain", plain), ("smooth", smooth)):
+        y, dx = _forward_backward(layer, x, grad, autocast=False)
+        errors[name] = (_relative_error(y, want_y), _relative_error(dx, want_dx))
+        assert _relative_error(layer.dequantized_weight(), weight) < 0.03
+    assert errors["smooth"][0] < errors["plain"][0] / 2, errors
+    # smoothing moves the outliers' range into the weight, so the input gradient (through the weight) pays a little
+    assert errors["smooth"][0] < 0.03 and errors["smooth"][1] < 0.05, errors
+
+
+def test_fused_kernels_match_the_unfused_reference():
+    fused = int8._fused()
+    assert fused is not None, "torch.compile of the int8 quantizers failed (needs a C++ compiler: apt-get install g++)"
+    quantize, epilogue, unpack = fused
+    torch.manual_seed(0)
+    for rows, cols in ((1, 64), (33, 172), (256, 2048)):
+        x = torch.randn(rows, cols, dtype=torch.bfloat16) * 3
+        col_scale = torch.rand(cols) + 0.5
+        q_ref, s_ref = int8.quantize_rows(x, col_scale)
+        q, s = quantize(x, col_scale)
+        assert q.dtype == torch.int8 and q.shape == q_ref.shape
+        assert torch.allclose(s, s_ref, rtol=1e-6), float((s - s_ref).abs().max())
+        # the compiled and eager roundings may differ by one step where a value sits on a .5 boundary
+        assert int((q.int() - q_ref.int()).abs().max()) <= 1
+        assert float((q != q_ref).float().mean()) < 1e-3, float((q != q_ref).float().mean())
+        acc = torch._int_mm(q_ref.repeat(17, 1)[:max(rows, 17)], q_ref.t().contiguous())
+        row_scale = torch.rand(acc.shape[0], 1)
+        want = int8.scale_accumulator(acc, row_scale, s_ref.reshape(-1), torch.bfloat16)
+        got = epilogue(acc, row_scale, s_ref.reshape(-1), torch.bfloat16)
+        # the compiled epilogue may multiply in another order: at most one bf16 rounding step apart
+        assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=0), float((got.float() - want.float()).abs().max())
+
+
+# ------------------------------------------------------------------ the guard, on a real model
+def _outlier_model(path, spec):
+    """stories260K with 3 activation outlier channels (x60) injected into every layer's norm output.
+
+    The norm weight is multiplied and the consuming weights' columns divided: the bf16 model computes
+    the same function, but per-token int8 of those inputs loses everything but the outliers.
+    """
+    from qlorax.engine.model import attach_lora
+    from qlorax.engine.quant import load_base_model
+
+    model = load_base_model(spec, str(path), "bf16")
+    channels = [5, 17, 40]
+    for layer in model.model.layers:
+        for norm, consumers in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                                (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+            norm.weight.data[channels] *= 60
+            owner = layer.self_attn if "q_proj" in consumers else layer.mlp
+            for name in consumers:
+                getattr(owner, name).weight.data[:, channels] /= 60
+    return attach_lora(model, spec)
+
+
+def _quote_batches(tokenizer, english_quotes, start: int, count: int):
+    rows = [json.loads(line) for line in english_quotes.read_text().splitlines()[start:start + 4 * count]]
+    batches = []
+    for i in range(0, len(rows), 4):
+        encoded = tokenizer([r["quote"] for r in rows[i:i + 4]], return_tensors="pt", padding=True, truncation=True,
+                            max_length=64)
+        labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+        batches.append((encoded.input_ids, encoded.attention_mask, labels))
+    return batches
+
+
+def _guard(stories260k, english_quotes, smoothing: float, outliers: bool):
+    from qlorax.engine.model import attach_lora, load_tokenizer
+    from qlorax.engine.quant import _float_weight, load_base_model
+
+    spec = compose([f"model.path={stories260k}", "quant=none", "quant.compute=int8", f"quant.int8_smoothing={smoothing}",
+                    "quant.int8_fuse=false"])
+    tokenizer = load_tokenizer(spec, str(stories260k))
+    model = (_outlier_model(stories260k, spec) if outliers
+             else attach_lora(load_base_model(spec, str(stories260k), "bf16"), spec))
+    calibration = _quote_batches(tokenizer, english_quotes, 0, 4)
+    held_out = _quote_batches(tokenizer, english_quotes, 1000, 4)
+    return int8_guard.enable(model, spec, calibration, held_out, "bf16", _float_weight)
+
+
+def test_guard_refuses_unprotected_outliers_and_smoothing_passes(stories260k, english_quotes):
+    with pytest.raises(QloraxError) as refused:
+        _guard(stories260k, english_quotes, smoothing=0.0, outliers=True)
+    message = str(refused.value)
+    assert "quant.int8_max_loss_gap=" in message and "quant.int8_smoothing=0.5" in message
+    assert "quant.compute=bf16" in message
+    protected = _guard(stories260k, english_quotes, smoothing=0.5, outliers=True)
+    assert protected["loss_gap"] < protected["max_loss_gap"]
+    assert protected["layers"] == 5 * 7 and protected["calibration_batches"] == 4
+    clean = _guard(stories260k, english_quotes, smoothing=0.5, outliers=False)
+    assert abs(clean["loss_gap"]) < 0.01
+
+
+def test_int8_compute_on_bigdl_is_rejected():
+    with pytest.raises(ConfigError) as info:
+        compose(["quant=bigdl", "quant.compute=int8"])
+    assert "quant.compute" in [p.key for p in info.value.problems]
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.integration
+def test_train_with_int8_compute_on_stories260k(tmp_path, stories260k, english_quotes):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "model=stories260k", f"model.path={stories260k}", "data=english_quotes",
+                     f"data.path={english_quotes}", "data.max_rows=400", "quant.compute=int8", "train.max_steps=12",
+                     "train.eval_steps=6", "train.logging_steps=6", "train.eval_max_batches=4", "quiet=true",
+                     f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    compute = summary["compute"]
+    assert compute["compute"] == "int8" and compute["layers"] == 35
+    assert abs(compute["loss_gap"]) < compute["max_loss_gap"]
+    assert summary["final_eval_loss"] < summary["initial_eval_loss"]
+    assert "quant.compute=int8" in (result.stdout + result.stderr)
