@@ -259,7 +259,6 @@ def test_gpt2_conv1d_layers_are_quantized_while_streaming(tmp_path):
     """GPT-2 keeps its projections in Conv1D (weight stored in x out): they become 4-bit layers too,
     holding the transposed weight, instead of staying bf16 unnoticed."""
     import bitsandbytes as bnb
-    import torch
     from safetensors.torch import load_file
 
     from qlorax.engine.quant import bnb as bnb_backend

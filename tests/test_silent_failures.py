@@ -195,7 +195,7 @@ def test_merge_is_locked_and_a_merge_killed_midway_is_cleaned_and_completed(fini
 
     result = run_cli("merge", f"run_dir={run}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"taking over the lock of `qlorax merge` (pid" in result.stderr
+    assert "taking over the lock of `qlorax merge` (pid" in result.stderr
     assert f"merge: removing {left[0].name}, left by a merge that was stopped" in result.stderr
     assert not list(run.glob(".merged-*"))
     info = json.loads((run / "merged" / "merge_info.json").read_text())

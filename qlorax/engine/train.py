@@ -114,8 +114,6 @@ def train(spec: RunSpec) -> dict[str, Any]:
     else:
         torch.manual_seed(spec.seed + world.rank)   # dropout differs per rank
         random.seed(spec.seed + world.rank)
-        if world.is_main:
-            truncate_metrics(paths.metrics, 0)   # steps of a run killed before its first checkpoint are redone
 
     def evaluate() -> float | None:
         """Held-out loss; each rank takes a shard of the eval examples."""
