@@ -134,10 +134,17 @@ def _hydra_command(command: str, args: list[str]) -> int:
             _error(str(exc))
             sys.exit(exc.exit_code)
         except Exception as exc:   # caught here, or Hydra would print the traceback itself
+            from qlorax import runstatus
             from qlorax.paths import RunPaths
 
-            log_file = RunPaths(HydraConfig.get().runtime.output_dir).log
-            _error(record_unexpected(exc, f"`qlorax {command}`", log_file))
+            paths = RunPaths(HydraConfig.get().runtime.output_dir)
+            line = record_unexpected(exc, f"`qlorax {command}`", paths.log)
+            if runstatus.read(paths).get("state") != "failed":   # e.g. it broke before a stage was tracked
+                try:
+                    runstatus.write(paths, "failed", command, error=line)
+                except OSError:
+                    pass
+            _error(line)
             sys.exit(1)
 
     saved_argv = sys.argv

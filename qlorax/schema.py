@@ -139,9 +139,9 @@ class LoraConfig(_Freezable):
                                          "linear layer but the head", factory=lambda: ["auto"])
     use_dora: bool = opt(False, help="DoRA: train a per-output magnitude besides the low-rank direction (slower)")
     use_rslora: bool = opt(False, help="rsLoRA: scale the adapter by alpha/sqrt(r) instead of alpha/r")
-    init: str = opt("default", help="adapter initialisation: default (A Kaiming-uniform, B zero), gaussian (A normal), "
-                    "olora (QR of the base weight), pissa (its top singular vectors; needs quant=none: "
-                    "peft computes it on bf16/fp32 weights only)",
+    init: str = opt("default", help="adapter initialisation: default (A Kaiming-uniform, B zero), gaussian (A normal); "
+                    "olora and pissa (QR / top singular vectors of the base weight) are refused until merge converts "
+                    "their residual-base adapters",
                     choices=("default", "gaussian", "olora", "pissa"))
 
 

@@ -246,7 +246,11 @@ def _cross_problems(spec: RunSpec, out_of_range: frozenset[str] = frozenset()) -
         if word in spec.lora.target_modules and len(spec.lora.target_modules) > 1:
             p.append(Problem("lora.target_modules", f"{word} cannot be combined with module names",
                              f"lora.target_modules=[{word}]"))
-    if spec.lora.init == "pissa" and q.backend != "none":
+    if spec.lora.init in ("olora", "pissa"):
+        p.append(Problem("lora.init", f"{spec.lora.init} trains the adapter against a residual base (the weight minus "
+                         "its initial adapter), and qlorax's merge does not yet convert such an adapter back onto the "
+                         "original weights: the merged model would not be the trained one", "lora.init=gaussian"))
+    elif spec.lora.init == "pissa" and q.backend != "none":
         p.append(Problem("lora.init", "PiSSA splits the base weight by SVD, which peft only does on bf16/fp32 "
                          f"weights, not on a {q.backend} 4-bit base", "quant=none (bf16 LoRA) or lora.init=olora"))
     if (spec.lora.use_dora or spec.lora.init in ("olora", "pissa")) and q.backend == "bigdl":

@@ -215,21 +215,39 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous(trained, tmp_path, 
 
 # --- unexpected exceptions: one console line naming the log, the traceback only in the log
 
+# Ranks see a half-installed peft only through this start-up hook (the CLI's own checks read peft's
+# target mapping, so a plain broken package would fail in the parent before any rank starts).
+RANKS_ONLY_BROKEN_PEFT = """
+import os, sys
+if "LOCAL_RANK" in os.environ:
+    class _Broken:
+        def find_spec(self, name, path=None, target=None):
+            if name == "peft":
+                raise RuntimeError("peft is half-installed")
+    sys.meta_path.insert(0, _Broken())
+"""
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("launcher", [[], ["parallel=ccl", "workers=2", "train.micro_batch_size=2"]], ids=["local", "ccl"])
 def test_internal_error_is_one_line_and_the_traceback_goes_to_the_log(tmp_path, launcher):
-    broken = write(tmp_path, "site/peft/__init__.py", 'raise RuntimeError("peft is half-installed")\n').parent.parent
+    if launcher:
+        broken = write(tmp_path, "site/sitecustomize.py", RANKS_ONLY_BROKEN_PEFT).parent
+    else:
+        broken = write(tmp_path, "site/peft/__init__.py", 'raise RuntimeError("peft is half-installed")\n').parent.parent
+    package = "peft"
     run = tmp_path / "run"
     result = run_cli("train", *launcher, *FAST, f"run_dir={run}", env={"PYTHONPATH": str(broken)})
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     logs = [run / "train.log"] if not launcher else sorted((run / "logs").glob("rank-*.log"))
-    assert f"RuntimeError: peft is half-installed; the full traceback is in {logs[0]}" in output
+    assert logs, output[-3000:]
+    assert f"RuntimeError: {package} is half-installed; the full traceback is in {logs[0]}" in output
     assert "not your input" in output
     for log in logs:
         text = log.read_text()
-        assert "Traceback (most recent call last)" in text and "RuntimeError: peft is half-installed" in text, log
+        assert "Traceback (most recent call last)" in text and f"RuntimeError: {package} is half-installed" in text, log
     if launcher:
         assert "failed with an internal error" in output and "torchrun exit code 1" in output
     assert json.loads((run / "status.json").read_text())["state"] == "failed"

@@ -97,9 +97,9 @@ def _fused():
     if os.environ.get("QLORAX_INT8_FUSE") == "0":
         return None
     try:
-        quantize = torch.compile(quantize_rows, dynamic=True, fullgraph=True)
-        epilogue = torch.compile(scale_accumulator, dynamic=True, fullgraph=True)
-        unpack = torch.compile(unpack_int4, dynamic=True, fullgraph=True)
+        quantize = torch.compile(quantize_rows, dynamic=True)
+        epilogue = torch.compile(scale_accumulator, dynamic=True)
+        unpack = torch.compile(unpack_int4, dynamic=True)
         probe = torch.randn(3, 24, dtype=torch.bfloat16)   # a first call compiles; fall back if it cannot
         q, s = quantize(probe, torch.ones(24))
         epilogue(torch._int_mm(q.repeat(6, 1), q.t().contiguous()), s.repeat(6, 1), torch.ones(3), torch.bfloat16)
