@@ -123,7 +123,8 @@ def test_make_lean_same_training_step_and_less_kept_for_backward():
     plain = _tiny_peft_model(dropout=0.0)
     patched = _tiny_peft_model(dropout=0.0)
     counts = lean.make_lean(patched, autocast=True)
-    assert counts == {"rmsnorm": 5, "gated_mlp": 2, "lora_dropout": 0, "chunked_loss": 1}   # 2 layers x 2 norms + final
+    # 2 layers x 2 norms + final; q and v of 2 layers
+    assert counts == {"rmsnorm": 5, "gated_mlp": 2, "lora_dropout": 0, "fused_lora": 4, "chunked_loss": 1}
     loss_a, grads_a = _step(plain, ids)
     loss_b, grads_b = _step(patched, ids)
     assert abs(loss_a - loss_b) < 1e-3
@@ -133,6 +134,54 @@ def test_make_lean_same_training_step_and_less_kept_for_backward():
     with_dropout, lean_dropout = _tiny_peft_model(dropout=0.1), _tiny_peft_model(dropout=0.1)
     assert lean.make_lean(lean_dropout, autocast=True)["lora_dropout"] == 4
     assert _saved_bytes(lean_dropout, ids) < 0.75 * _saved_bytes(with_dropout, ids)
+
+
+def _unfuse(model) -> int:
+    """Back to peft's own LoRA forward (the lean dropout stays): the reference for the fused path."""
+    undone = 0
+    for module in model.modules():
+        if "forward" in vars(module) and hasattr(module, "lora_A"):
+            del module.forward
+            undone += 1
+    return undone
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_path_matches_peft_with_the_same_dropout_mask(dropout):
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
+    results = []
+    for fused in (True, False):
+        model = _tiny_peft_model(dropout=dropout)
+        assert lean.make_lean(model, autocast=True)["fused_lora"] == 4
+        if not fused:
+            assert _unfuse(model) == 4
+        torch.manual_seed(7)
+        results.append(_step(model, ids))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert abs(loss_a - loss_b) < 2e-3
+    for name, grad in grads_b.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(grads_a[name], grad, rtol=5e-2, atol=5e-3), name
+
+
+def test_fused_lora_leaves_dora_and_disabled_adapters_to_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dora = get_peft_model(LlamaForCausalLM(_llama_config()), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert lean.make_lean(dora, autocast=False)["fused_lora"] == 0
+    model = _tiny_peft_model(dropout=0.0)
+    lean.make_lean(model, autocast=False)
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(4))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        reference = _unfuse(model) and model(input_ids=ids).logits
+    assert not torch.equal(adapted, base)
+    assert torch.allclose(adapted.float(), reference.float(), atol=2e-2)
 
 
 def test_lean_dropout_mask_is_replayed_by_gradient_checkpointing():

@@ -286,14 +286,20 @@ def convert(model, skip_modules, dense_weight, act_absmax: dict | None, alpha: f
 
     ``dense_weight(layer)`` gives a layer's float weight (the quantization backend dequantizes its own).
     """
-    from qlorax.engine.quant.common import return_freed_memory
+    import gc
+
+    from qlorax.engine.quant.common import quantizing_allocator, return_freed_memory
 
     layers = base_linear_layers(model, skip_modules)
-    for parent, child_name, full in layers:
-        child = getattr(parent, child_name)
-        weight = dense_weight(child)
-        int8_layer = make_int8_linear(weight, child.bias, (act_absmax or {}).get(full), alpha, fuse, storage)
-        setattr(parent, child_name, int8_layer)
-        del child, weight
+    with quantizing_allocator():
+        for parent, child_name, full in layers:
+            child = getattr(parent, child_name)
+            weight = dense_weight(child)
+            int8_layer = make_int8_linear(weight, child.bias, (act_absmax or {}).get(full), alpha, fuse, storage)
+            setattr(parent, child_name, int8_layer)
+            del child, weight
+            # A 4-bit layer sits in reference cycles (its bound forward, Params4bit.module): without a collection
+            # every replaced layer stayed alive to the end, +1.1 GiB at the peak on the 1.1B shape.
+            gc.collect()
     return_freed_memory()
     return len(layers)

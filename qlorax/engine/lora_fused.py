@@ -1,0 +1,118 @@
+"""One autograd node for a LoRA adapter's path: dropout, A, B, scaling and the add onto the base output.
+
+peft runs ``result + lora_B(lora_A(dropout(x))) * scaling`` as separate modules: the scaling multiplies
+the whole [tokens, out] output, the add makes another [tokens, out] tensor (and peft's 4-bit layer first
+clones the base output), and autograd's generic backward transposes and casts the skinny matrices on
+every step. Here the scaling goes onto the [tokens, r] middle, the add is the ``beta=1`` of one
+``addmm`` onto the base output, and backward is written out: six skinny GEMMs and nothing else.
+
+Per adapted layer, forward + backward at 256 tokens on this project's 2-core machine: 0.83 against
+1.18 ms (2048 -> 2048), 1.08 against 1.73 ms (2048 -> 5632). Values agree with peft's to bf16 rounding
+(the scaling is applied to the rank-r product instead of the output), tested in tests/test_lean.py.
+
+Applies to vanilla LoRA on a 2-D weight with one active adapter (``train.lean_kernels``); DoRA, several
+adapters, merged or disabled adapters keep peft's forward.
+"""
+from __future__ import annotations
+
+import functools
+
+MASK_DROPOUT_CLASS_NAME = "MaskDropout"   # lean.mask_dropout's class
+_RANDOM_BITS = 16
+
+
+def draw_keep_mask(shape, p: float):
+    """A bool mask, True with probability 1 - p (to 2^-16), from the default torch generator.
+
+    Each 64-bit draw of the generator gives four 16-bit numbers: a quarter of the draws of one number per
+    element (0.50 against 1.34 ms for 256 x 2048 on this project's 2-core machine).
+    """
+    import math
+
+    import torch
+
+    count = math.prod(shape)
+    draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
+    bits = draws.view(torch.int16)[:count].view(shape)
+    return bits >= round(p * 2 ** _RANDOM_BITS) - 2 ** (_RANDOM_BITS - 1)
+
+
+def fuse(module) -> bool:
+    """Route ``module`` (a peft LoRA linear layer) through the fused path; False where it does not apply."""
+    import types
+
+    import torch
+
+    names = list(getattr(module, "lora_A", {}) or {})
+    if (len(names) != 1 or getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(names[0])
+            or not isinstance(module.lora_A[names[0]], torch.nn.Linear)
+            or module.lora_A[names[0]].bias is not None or module.lora_B[names[0]].bias is not None
+            or not _plain_dropout(module.lora_dropout[names[0]])):
+        return False
+    original = module.forward
+    module.forward = types.MethodType(functools.partial(_forward, original=original), module)
+    return True
+
+
+def _plain_dropout(dropout) -> bool:
+    import torch
+
+    return type(dropout) in (torch.nn.Identity, torch.nn.Dropout) or type(dropout).__name__ == MASK_DROPOUT_CLASS_NAME
+
+
+def _forward(self, x, *args, original, **kwargs):
+    import torch
+
+    name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    if (self.disable_adapters or self.merged or name not in self.lora_A or kwargs.get("adapter_names") is not None
+            or args or any(v is not None for v in kwargs.values())):
+        return original(x, *args, **kwargs)
+    result = self.base_layer(x)
+    dropout = self.lora_dropout[name]
+    p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else result.dtype
+    with torch.autocast("cpu", enabled=False):
+        out = _function().apply(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]).to(dtype),
+                                self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), p)
+    return out.reshape(*result.shape[:-1], out.shape[-1])
+
+
+@functools.cache   # made on first use, so importing this module needs no torch
+def _function():
+    import torch
+
+    class LoraPath(torch.autograd.Function):
+        """out = base + (dropout(x) @ A.T * scaling) @ B.T, in the base output's dtype."""
+
+        @staticmethod
+        def forward(ctx, x, base, a, b, scaling, p):
+            dtype = base.dtype
+            a_c, b_c = a.to(dtype), b.to(dtype)
+            kept = x.to(dtype)
+            keep = None
+            if p > 0:
+                keep = draw_keep_mask(kept.shape, p)
+                kept = torch.where(keep, kept, 0).mul_(1.0 / (1.0 - p))
+            middle = (kept @ a_c.t()).mul_(scaling)
+            out = torch.addmm(base, middle, b_c.t())
+            need_x = ctx.needs_input_grad[0]   # the first layer's input needs no gradient: keep neither A nor mask
+            ctx.save_for_backward(kept, middle, a_c if need_x else None, b_c, keep if need_x else None)
+            ctx.scaling, ctx.p, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, p, x.dtype, a.dtype, b.dtype
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            kept, middle, a_c, b_c, keep = ctx.saved_tensors
+            grad = grad.to(kept.dtype)
+            grad_b = (grad.t() @ middle).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
+            grad_middle = (grad @ b_c).mul_(ctx.scaling)
+            grad_a = (grad_middle.t() @ kept).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_middle @ a_c
+                if keep is not None:
+                    grad_x = torch.where(keep, grad_x, 0).mul_(1.0 / (1.0 - ctx.p))
+                grad_x = grad_x.to(ctx.x_dtype)
+            return grad_x, grad, grad_a, grad_b, None, None
+
+    return LoraPath
