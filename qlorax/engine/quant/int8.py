@@ -97,7 +97,18 @@ def _fused():
     if os.environ.get("QLORAX_INT8_FUSE") == "0":
         return None
     try:
-        quantize = torch.compile(quantize_rows, dynamic=True)
+        # The quantizer is compiled for each row width with the row count symbolic (mark_dynamic): a width-specific
+        # kernel runs 2-2.7x faster than one compiled for any shape (256 x 2048: 0.14 against 0.29 ms; 256 x 5632:
+        # 0.33 against 0.79 ms), and a model has few widths. The epilogue is not faster that way, so it stays generic.
+        static_width = torch.compile(quantize_rows, dynamic=False)
+        # one entry per width (and per width at 1 row): room for models with more widths than the default 8 allow
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
+        def quantize(x, col_scale):
+            if x.shape[0] > 1:
+                torch._dynamo.mark_dynamic(x, 0)
+            return static_width(x, col_scale)
+
         epilogue = torch.compile(scale_accumulator, dynamic=True)
         unpack = torch.compile(unpack_int4, dynamic=True)
         probe = torch.randn(3, 24, dtype=torch.bfloat16)   # a first call compiles; fall back if it cannot
