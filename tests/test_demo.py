@@ -94,11 +94,12 @@ def test_make_demo_recipe_learns_to_write_numbers_in_words(tmp_path):
     expected = dict(render(row, spec.data) for row in read_rows(spec.data)[0])
     report = json.loads((run_dir / "verify.json").read_text())
     generations = report["generations"]
-    assert len(generations) == 3 and all(g["prompt"] in expected for g in generations)
+    assert len(generations) == 10 and all(g["prompt"] in expected for g in generations)
 
     def exact(which: str) -> int:
         return sum(g[which]["text"].strip() == expected[g["prompt"]] for g in generations)
 
-    assert exact("tuned") >= 2, generations
+    # 6-9 of these 10 across seeds 0-2 and 400-800 steps (29-32 of all 40 held-out rows); the base gets none
+    assert exact("tuned") >= 5, generations
     assert exact("base") == 0, generations
     assert report["tuned_perplexity"] < report["base_perplexity"] / 2, report
