@@ -158,4 +158,7 @@ def shutdown(world: World) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # Every rank tears gloo down together: a rank that destroyed its group while rank 0 was still writing
+            # the summary died at exit now and then ("terminate called without an active exception", SIGABRT).
+            dist.barrier()
             dist.destroy_process_group()

@@ -69,10 +69,11 @@ def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtyp
                ct.c_void_p(o_ptr + lo * cols * out.element_size()), ct.c_longlong(blocksize),
                ct.c_longlong(hi - lo), ct.c_longlong(cols))
 
-    if len(slices) == 1:
-        run(slices[0])
-    else:
-        list(_pool(threads).map(run, slices))
+    # The calling thread takes the first slice itself: one pool hand-off fewer per weight.
+    pending = [_pool(threads).submit(run, bounds) for bounds in slices[1:]]
+    run(slices[0])
+    for job in pending:
+        job.result()
     return out
 
 
