@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from qlorax import runstatus
-from qlorax.errors import QloraxError, record_unexpected
+from qlorax.errors import Interrupted, QloraxError, record_unexpected
 from qlorax.paths import RunPaths
 from qlorax.specfile import load_run_spec
 
@@ -66,5 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _exit(code: int) -> None:
+    """End a rank of several without the interpreter's teardown.
+
+    Used when a rank finished or stopped on Ctrl-C: everything it owes is written and closed by then
+    (checkpoints, status, metrics sinks). What the
+    teardown would still do is destroy C++ objects in no fixed order, and with gloo's threads alive (a run
+    stopped by Ctrl-C never destroys its process group) that now and then ended a finished rank with
+    SIGABRT ("terminate called without an active exception") or left it hanging, so the launcher reported
+    a failure or never returned.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if _rank_env()[1] > 1 and exit_code in (0, Interrupted.exit_code):   # a failing rank exits as usual, so the
+        _exit(exit_code)                                                  # launcher names the rank that failed first
+    sys.exit(exit_code)
