@@ -86,6 +86,9 @@ def launch(spec: RunSpec) -> LaunchResult:
     except KeyboardInterrupt:
         interrupted = True
         os.killpg(process.pid, signal.SIGINT)   # ranks save a checkpoint at the step boundary
+        # keep reading: torchrun and the ranks report the stop on stderr, and a full pipe nobody reads would
+        # block them before they exit (and this wait with them)
+        torchrun_err.extend(process.stderr)
         rc = process.wait()
     finally:
         _kill_group(process.pid)
