@@ -70,8 +70,7 @@ def _exit(code: int) -> None:
     """End a rank of several without the interpreter's teardown.
 
     Used when a rank finished or stopped on Ctrl-C: everything it owes is written and closed by then
-    (checkpoints, status, metrics sinks). What the
-    teardown would still do is destroy C++ objects in no fixed order, and with gloo's threads alive (a run
+    (checkpoints, status, metrics sinks). What the teardown would still do is destroy C++ objects in no fixed order, and with gloo's threads alive (a run
     stopped by Ctrl-C never destroys its process group) that now and then ended a finished rank with
     SIGABRT ("terminate called without an active exception") or left it hanging, so the launcher reported
     a failure or never returned.

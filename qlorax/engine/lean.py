@@ -26,7 +26,7 @@ import functools
 import logging
 
 from qlorax.engine import lora_fused
-from qlorax.engine.lora_fused import draw_keep_mask
+from qlorax.engine.lora_fused import apply_keep, draw_keep_mask
 
 log = logging.getLogger("qlorax")
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -159,15 +159,14 @@ def _dropout_class():
         @staticmethod
         def forward(ctx, x, p):
             keep = draw_keep_mask(x.shape, p)
-            scale = 1.0 / (1.0 - p)
             ctx.save_for_backward(keep)
-            ctx.scale = scale
-            return torch.where(keep, x, 0).mul_(scale)
+            ctx.p = p
+            return apply_keep(x, keep, p)
 
         @staticmethod
         def backward(ctx, grad):
             (keep,) = ctx.saved_tensors
-            return torch.where(keep, grad, 0).mul_(ctx.scale), None
+            return apply_keep(grad, keep, ctx.p), None
 
     return Dropout
 

@@ -37,6 +37,13 @@ def draw_keep_mask(shape, p: float):
     return bits >= round(p * 2 ** _RANDOM_BITS) - 2 ** (_RANDOM_BITS - 1)
 
 
+def apply_keep(t, keep, p: float):
+    """``t`` where ``keep``, 0 elsewhere, scaled by 1 / (1 - p): dropout's forward, and its backward on the gradient."""
+    import torch
+
+    return torch.where(keep, t, 0).mul_(1.0 / (1.0 - p))
+
+
 def fuse(module) -> bool:
     """Route ``module`` (a peft LoRA linear layer) through the fused path; False where it does not apply."""
     import types
@@ -92,7 +99,7 @@ def _function():
             keep = None
             if p > 0:
                 keep = draw_keep_mask(kept.shape, p)
-                kept = torch.where(keep, kept, 0).mul_(1.0 / (1.0 - p))
+                kept = apply_keep(kept, keep, p)
             middle = (kept @ a_c.t()).mul_(scaling)
             out = torch.addmm(base, middle, b_c.t())
             need_x = ctx.needs_input_grad[0]   # the first layer's input needs no gradient: keep neither A nor mask
@@ -111,7 +118,7 @@ def _function():
             if ctx.needs_input_grad[0]:
                 grad_x = grad_middle @ a_c
                 if keep is not None:
-                    grad_x = torch.where(keep, grad_x, 0).mul_(1.0 / (1.0 - ctx.p))
+                    grad_x = apply_keep(grad_x, keep, ctx.p)
                 grad_x = grad_x.to(ctx.x_dtype)
             return grad_x, grad, grad_a, grad_b, None, None
 
