@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlorax.errors import InternalError, Interrupted, QloraxError
+from qlorax.errors import InternalError, Interrupted, PeerLost, QloraxError
 from qlorax.launchers import LaunchResult
 from qlorax.launchers.pinning import format_plans, rank_plans
 from qlorax.paths import RunPaths
@@ -100,6 +100,9 @@ def launch(spec: RunSpec) -> LaunchResult:
     report = "".join(torchrun_err)
     (logs / "torchrun.log").write_text(report)
     rank, rank_rc = _root_cause(report)
+    if rank_rc == Interrupted.exit_code:   # a rank was signalled alone (SIGTERM to one process): all stopped together
+        raise Interrupted(f"rank {rank} was stopped by a signal; every rank stopped after the same step and saved a "
+                          f"checkpoint; continue with `qlorax train run_dir={paths.root} resume=auto`")
     message = _failure_message(rank, rank_rc, rc, logs)
     raise QloraxError(message) if rank_rc == QloraxError.exit_code else InternalError(message)
 
@@ -117,11 +120,29 @@ def _is_torchrun_noise(line: str) -> bool:
 
 
 def _root_cause(report: str) -> tuple[int | None, int | None]:
-    """(rank, exit code) of the first failure torchrun observed; its other entries are ranks it stopped."""
-    cause = report.split("Root Cause", 1)[-1]
-    rank = re.search(r"\brank\s*:\s*(\d+)", cause)
-    code = re.search(r"\bexitcode\s*:\s*(-?\d+)", cause)
-    return (int(rank.group(1)) if rank else None), (int(code.group(1)) if code else None)
+    """(rank, exit code) of the rank that failed first.
+
+    torchrun lists every rank it found failed at one poll and calls the earliest its root cause; ranks
+    that died within the same second tie, and a rank that only lost its peer (PeerLost's exit code)
+    can be listed first. The first listed failure that is not such a rank is the cause.
+    """
+    root = report.split("Root Cause", 1)[-1]
+    ordered = _failures(root) + _failures(report.split("Root Cause", 1)[0])
+    for rank, code in ordered:
+        if code != PeerLost.exit_code:
+            return rank, code
+    return ordered[0] if ordered else (None, None)
+
+
+def _failures(text: str) -> list[tuple[int, int | None]]:
+    """(rank, exit code) of each failure entry in (a part of) torchrun's report, in order."""
+    found = []
+    for entry in re.split(r"\n\[\d+\]:\n", text)[1:]:
+        rank = re.search(r"\brank\s*:\s*(\d+)", entry)
+        code = re.search(r"\bexitcode\s*:\s*(-?\d+)", entry)
+        if rank:
+            found.append((int(rank.group(1)), int(code.group(1)) if code else None))
+    return found
 
 
 def _without_tracebacks(lines: list[str]) -> list[str]:
@@ -147,6 +168,7 @@ def _failure_message(rank: int | None, rank_rc: int | None, rc: int, logs: Path)
     if rank_rc is not None and rank_rc < 0:
         how = f"killed by signal {-rank_rc} ({signal.Signals(-rank_rc).name}; SIGKILL is often the out-of-memory killer)"
     else:
-        how = {1: "with an internal error", 2: "on bad input"}.get(rank_rc, f"with exit code {rank_rc}")
+        how = {1: "with an internal error", 2: "on bad input", PeerLost.exit_code: "after losing its connection to another rank"
+               }.get(rank_rc, f"with exit code {rank_rc}")
     return (f"rank {rank} failed {how}; the whole job was stopped (torchrun exit code {rc}). "
             f"Last lines of {log_file}:\n{body}")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from qlorax import runstatus
-from qlorax.errors import Interrupted, QloraxError, record_unexpected
+from qlorax.errors import Interrupted, PeerLost, QloraxError, record_unexpected
 from qlorax.paths import RunPaths
 from qlorax.specfile import load_run_spec
 
@@ -62,7 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:   # the traceback goes to this rank's log file only; one line on the console
         rank_logs = os.environ.get("QLORAX_RANK_LOG_DIR")
         log_file = Path(rank_logs) / f"rank-{rank}.log" if rank_logs else RunPaths(args.run_dir).log
-        print(f"[rank {rank}] error: {record_unexpected(exc, f'rank {rank}', log_file)}", file=sys.stderr, flush=True)
+        line = record_unexpected(exc, f"rank {rank}", log_file)
+        from qlorax.engine.distributed import is_peer_lost
+
+        if world > 1 and is_peer_lost(exc):   # not this rank's failure: say so, and exit so the launcher can tell
+            reason = str(exc).split("]", 1)[-1].split(". This is typically")[0].strip()
+            print(f"[rank {rank}] stopped: another rank went away during a collective ({reason}); its log holds "
+                  f"the cause", file=sys.stderr, flush=True)
+            return PeerLost.exit_code
+        print(f"[rank {rank}] error: {line}", file=sys.stderr, flush=True)
         return 1
 
 

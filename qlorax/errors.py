@@ -65,6 +65,15 @@ class InternalError(QloraxError):
     exit_code = 1
 
 
+class PeerLost(QloraxError):
+    """This rank stopped because another rank went away mid-collective: the other rank holds the cause.
+
+    Its own exit code lets a launcher that sees several ranks fail name the one that failed first.
+    """
+
+    exit_code = 3
+
+
 def record_unexpected(exc: BaseException, where: str, log_file: Path | None) -> str:
     """Append ``exc``'s full traceback to ``log_file`` (else a file in the temp folder); return one console line.
 

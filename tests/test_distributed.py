@@ -88,6 +88,26 @@ def test_killing_one_rank_stops_the_job_quickly_with_no_orphans(tmp_path):
     assert _descendants_alive(str(run_dir)) == [], "processes left behind"
 
 
+def test_the_rank_that_failed_first_is_named_not_the_one_that_lost_it():
+    """torchrun's report (built by torch's own formatter) can put a rank that only lost its peer first."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from qlorax.errors import PeerLost
+    from qlorax.launchers.torchrun import _root_cause
+
+    def report(failures):   # same second, so torchrun's "root cause" is the lowest local rank
+        failed = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+                  for rank, code in failures}
+        for failure in failed.values():
+            failure.timestamp = 0
+        return ChildFailedError("qlorax.launchers.worker", failed).format_msg()
+
+    assert _root_cause(report([(0, PeerLost.exit_code), (1, -9)])) == (1, -9)
+    assert _root_cause(report([(0, PeerLost.exit_code), (1, PeerLost.exit_code), (2, 2)])) == (2, 2)
+    assert _root_cause(report([(0, 1), (1, -9)])) == (0, 1)          # a real failure on rank 0 stays the cause
+    assert _root_cause(report([(0, PeerLost.exit_code)])) == (0, PeerLost.exit_code)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,6 +160,33 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         result = run_cli("train", "parallel=ccl", "workers=2", *COMMON, f"parallel.master_port={port}",
                          f"run_dir={tmp_path / 'r'}")
     assert_user_error(result, f"127.0.0.1:{port} is already in use", "parallel.master_port=0")
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM reaches one rank (a pod eviction, a kill): the ranks agree on the stop, save once, and resume."""
+    import psutil
+
+    run_dir = tmp_path / "one_signalled"
+    args = [sys.executable, "-m", "qlorax", "train", "parallel=ccl", "workers=2", *COMMON, "train.max_steps=100000",
+            "train.save_steps=1000", f"run_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "qlorax.launchers.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    rank1[0].send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "resume=auto" in err and "Traceback" not in err
+    saved = sorted(run_dir.glob("checkpoints/step-*/manifest.json"))
+    assert len(saved) == 1, "one checkpoint, at the step both ranks stopped after"
+    logs = {r: (run_dir / "logs" / f"rank-{r}.log").read_text() for r in (0, 1)}
+    assert "SIGTERM: stopped at step" in logs[1] and "a signal to another rank: stopped at step" in logs[0]
+    stopped = {r: int(logs[r].split("stopped at step ")[1].split()[0]) for r in (0, 1)}
+    assert stopped[0] == stopped[1] == int(saved[0].parent.name.split("-")[1])
 
 
 def test_ctrl_c_stops_all_ranks_at_a_checkpoint(tmp_path):

@@ -99,6 +99,16 @@ def init(requested_backend: str, preflight_timeout_s: float, collective_timeout_
     return World(rank=rank, size=size, local_rank=local_rank, backend=backend)
 
 
+# How gloo and oneCCL report that the other end of a collective went away (it died, or was killed).
+_PEER_LOST_TEXT = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
+                   "Socket closed", "ECONNRESET", "EPIPE")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank disappeared (not this rank's own fault)."""
+    return isinstance(exc, (RuntimeError, ConnectionError, OSError)) and any(t in str(exc) for t in _PEER_LOST_TEXT)
+
+
 def sum_gradients(params, world: World) -> None:
     """All-reduce (sum) the LoRA gradients as one flat buffer.
 

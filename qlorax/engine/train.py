@@ -170,8 +170,10 @@ def train(spec: RunSpec) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step_loss, step_tokens, step_computed = distributed.all_reduce_sum([step_loss, step_tokens, step_computed],
-                                                                               world)
+            # The stop flag rides on this all-reduce, so every rank stops after the same step: a signal
+            # reaches ranks at different moments, and a rank stopping alone would leave the rest waiting.
+            step_loss, step_tokens, step_computed, stopping = distributed.all_reduce_sum(
+                [step_loss, step_tokens, step_computed, float(stop["signal"] is not None)], world)
             step += 1
             last_loss = step_loss / target_tokens
             elapsed = time.perf_counter() - started
@@ -204,10 +206,10 @@ def train(spec: RunSpec) -> dict[str, Any]:
                                   f"rss {rss_mib():.0f}MiB")
             if step % t.save_steps == 0 or step == total_steps:
                 save(step)
-            if stop["signal"] is not None:
+            if stopping:
                 if step % t.save_steps and step != total_steps:
                     save(step)
-                name = signal.Signals(stop["signal"]).name
+                name = signal.Signals(stop["signal"]).name if stop["signal"] is not None else "a signal to another rank"
                 raise Interrupted(f"{name}: stopped at step {step} after saving a checkpoint; continue with "
                                   f"`qlorax train run_dir={paths.root} resume=auto`")
     except BaseException as exc:
