@@ -109,7 +109,7 @@ def worker(config: dict) -> None:
           "other_bytes": weights["other"], "lora_params": sum(p.numel() for p in params),
           "threads": torch.get_num_threads(), "precision": precision,
           "load_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-          "int8_loss_gap": compute.get("loss_gap")})
+          "int8_loss_gap": compute.get("loss_gap"), "allocator": hardware.allocator_in_use()})
     model.train()
 
     def step() -> float:
@@ -194,10 +194,17 @@ def emit(record: dict) -> None:
     print("BENCH " + json.dumps(record), flush=True)
 
 
+PEER_BACKENDS = ("sym_int4", "peer")
+
+
 class Worker:
     def __init__(self, python: str, config: dict):
         self.config = config
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        if config["backend"] not in PEER_BACKENDS:   # qlorax's rows run with the allocator the CLI gives them;
+            from qlorax.hardware import allocator_env   # the peers' rows as their users run them (glibc)
+
+            env = allocator_env(env) or env
         self.log = tempfile.TemporaryFile(mode="w+")   # a pipe could fill up and block the worker
         self.proc = subprocess.Popen([python, __file__, "--worker", json.dumps(config)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=REPO)
@@ -463,6 +470,8 @@ def print_table(report: dict) -> None:
           f"{report['rounds']} interleaved rounds")
     for batch, rate in report["matmul_flops"].items():
         print(f"bf16 matmul rate at {batch}x{report['seq']} tokens: {rate / 1e9:.0f} GFLOP/s")
+    allocators = sorted({f"{r['backend']} {r.get('allocator') or 'system'}" for r in report["results"]})
+    print("allocator: " + ", ".join(allocators))
     header = (f"{'batch':>5} {'lora':<10} {'backend':<9} {'s/step':>8} {'tok/s':>8} {'peak RSS':>9} {'weights':>9} "
               f"{'MFU':>6} {'tok/s vs bf16':>13} {'RSS vs bf16':>11} {'tok/s vs sym_int4':>17} {'vs peer':>7} "
               f"{'int8 gap':>8}")

@@ -115,3 +115,26 @@ def test_more_workers_than_cpus_is_rejected():
     with pytest.raises(ConfigError) as info:
         compose(["parallel=ccl", f"workers={n + 1}", "train.micro_batch_size=1", f"train.batch_size={n + 1}"])
     assert any(p.key == "workers" and "CPUs" in p.message for p in info.value.problems)
+
+
+def test_allocator_env_preloads_tcmalloc_once_and_respects_the_users_choice(tmp_path):
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    dirs = (str(tmp_path / "empty"), str(libs))
+    assert hardware.allocator_env({"PATH": "/bin"}, dirs) is None                      # not installed: run as is
+    (libs / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    env = hardware.allocator_env({"PATH": "/bin", "LD_PRELOAD": "/opt/libfoo.so"}, dirs)
+    assert env["LD_PRELOAD"] == f"{libs / 'libtcmalloc_minimal.so.4'} /opt/libfoo.so" and env["PATH"] == "/bin"
+    assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40             # no "large alloc" lines
+    assert hardware.allocator_env(env, dirs) is None                                   # the re-executed process
+    assert hardware.allocator_env({"QLORAX_ALLOCATOR": "system"}, dirs) is None
+    assert hardware.allocator_env({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, dirs) is None   # the user's own
+
+
+def test_allocator_in_use_reads_the_mapped_libraries(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n")
+    assert hardware.allocator_in_use(str(maps)) == "tcmalloc"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert hardware.allocator_in_use(str(maps)) == "system"
+    assert hardware.allocator_in_use(str(tmp_path / "missing")) == "system"

@@ -62,6 +62,10 @@ def test_non_tty_log_has_reference_lines_and_no_control_characters(quotes_run):
     assert re.search(r"\{'loss': [0-9.]+, 'learning_rate': [0-9.e-]+, 'epoch': [0-9.]+\}", output)
     assert "\x1b" not in output and "\r" not in output
     assert "hardware:" in output and "precision:" in output
+    # the CLI re-executes itself under tcmalloc where the library is installed; the log says which allocator ran
+    from qlorax.hardware import find_tcmalloc
+
+    assert f"allocator {'tcmalloc' if find_tcmalloc() else 'system'}" in output
 
 
 def test_checkpoint_is_peft_format_with_manifest(quotes_run):

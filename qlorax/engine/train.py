@@ -45,7 +45,11 @@ def train(spec: RunSpec) -> dict[str, Any]:
     topo = hardware.detect(spec.hardware.sysfs_root)
     precision, why = hardware.choose_precision(t.precision, topo)
     log.info("hardware: %s", hardware.describe(topo))
-    log.info("precision: %s (%s); %d thread(s) per rank, %d rank(s)", precision, why, torch.get_num_threads(), world.size)
+    allocator = hardware.allocator_in_use()
+    log.info("precision: %s (%s); %d thread(s) per rank, %d rank(s); allocator %s", precision, why,
+             torch.get_num_threads(), world.size, allocator)
+    if allocator == "system" and world.is_main and hardware.find_tcmalloc() is None:
+        log.info("%s", hardware.allocator_advice())
     log.info("model: %s  quant: %s/%s%s  lora: r=%d alpha=%g dropout=%g on %s", spec.model.path, spec.quant.backend,
              spec.quant.type, "+double-quant" if spec.quant.double_quant else "", spec.lora.r, spec.lora.alpha,
              spec.lora.dropout, ",".join(spec.lora.target_modules))
