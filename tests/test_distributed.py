@@ -62,18 +62,24 @@ def _descendants_alive(marker: str) -> list[int]:
     return alive
 
 
-def test_killing_one_rank_stops_the_job_quickly_with_no_orphans(tmp_path):
-    import psutil
-
-    run_dir = tmp_path / "dies"
+def _start_two_ranks(run_dir: Path, *extra: str) -> subprocess.Popen:
+    """A two-rank training run through the CLI, returned once it has logged three steps."""
     args = [sys.executable, "-m", "qlorax", "train", "parallel=ccl", "workers=2", *COMMON, "train.max_steps=100000",
-            f"run_dir={run_dir}"]
+            *extra, f"run_dir={run_dir}"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.05)
+    return proc
+
+
+def test_killing_one_rank_stops_the_job_quickly_with_no_orphans(tmp_path):
+    import psutil
+
+    run_dir = tmp_path / "dies"
+    proc = _start_two_ranks(run_dir)
     victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "qlorax.launchers.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
     assert len(victims) == 1
@@ -167,14 +173,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     import psutil
 
     run_dir = tmp_path / "one_signalled"
-    args = [sys.executable, "-m", "qlorax", "train", "parallel=ccl", "workers=2", *COMMON, "train.max_steps=100000",
-            "train.save_steps=1000", f"run_dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
+    proc = _start_two_ranks(run_dir, "train.save_steps=1000")
     rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
              if "qlorax.launchers.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
     rank1[0].send_signal(signal.SIGTERM)
@@ -191,14 +190,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
 
 def test_ctrl_c_stops_all_ranks_at_a_checkpoint(tmp_path):
     run_dir = tmp_path / "interrupted"
-    args = [sys.executable, "-m", "qlorax", "train", "parallel=ccl", "workers=2", *COMMON, "train.max_steps=100000",
-            f"run_dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
+    proc = _start_two_ranks(run_dir)
     proc.send_signal(signal.SIGINT)   # what Ctrl-C sends to the foreground process
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
