@@ -126,8 +126,8 @@ def _root_cause(report: str) -> tuple[int | None, int | None]:
     that died within the same second tie, and a rank that only lost its peer (PeerLost's exit code)
     can be listed first. The first listed failure that is not such a rank is the cause.
     """
-    root = report.split("Root Cause", 1)[-1]
-    ordered = _failures(root) + _failures(report.split("Root Cause", 1)[0])
+    others, _, root = report.partition("Root Cause")
+    ordered = _failures(root) + _failures(others)
     for rank, code in ordered:
         if code != PeerLost.exit_code:
             return rank, code

@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="run directory holding spec.yaml")
     parser.add_argument("--stages", default="train", help="comma-separated stages; later ones run on rank 0")
     args = parser.parse_args(argv)
-    from qlorax.hardware import allocator_env, apply_runtime_defaults
+    from qlorax.hardware import apply_runtime_defaults, reexec_with_allocator
 
-    if argv is None and (env := allocator_env(dict(os.environ))) is not None:   # a pod or mpirun: tcmalloc, once
-        os.execve(sys.executable, [sys.executable, "-m", "qlorax.launchers.worker", *sys.argv[1:]], env)
+    if argv is None:   # a pod or mpirun (torchrun's ranks inherit the CLI's allocator): once, under tcmalloc
+        reexec_with_allocator("qlorax.launchers.worker")
     apply_runtime_defaults()   # started by mpirun or a pod, not through the CLI
     rank, world, local_rank = _rank_env()
     try:

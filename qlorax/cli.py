@@ -15,7 +15,6 @@ Any other failure exits with code 1 and one line naming the log file that holds 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,12 +26,10 @@ HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--info", "--config-
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qlorax.hardware import allocator_env, apply_runtime_defaults
+    from qlorax.hardware import apply_runtime_defaults, reexec_with_allocator
 
-    if argv is None and (env := allocator_env(dict(os.environ))) is not None:   # a program, not a call: once, tcmalloc
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, "-m", "qlorax", *sys.argv[1:]], env)
+    if argv is None:   # a program, not a call: once, under tcmalloc where installed
+        reexec_with_allocator("qlorax")
     apply_runtime_defaults()   # before anything imports torch; inherited by ranks and subprocesses
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -200,7 +200,7 @@ def apply_runtime_defaults() -> None:
 # glibc's malloc serves every tensor below its mmap threshold (which it raises to 32 MiB as big blocks are freed)
 # from its heap, and training's activations, freed and reallocated each step in shifting sizes, fragment it: on
 # the TinyLlama-1.1B shape at batch 1 the process peaked at 2.0-3.0 GiB from run to run with int4 storage, where
-# tcmalloc holds 1.6 GiB, and steps ran 0-10% faster (README, "Memory"). Lowering glibc's threshold instead returns
+# tcmalloc holds 1.6 GiB, and steps ran 0-10% faster (README, "Memory and speed"). Lowering glibc's threshold instead returns
 # the memory but page-faults every activation in again: 1.7 GiB at 1 MiB, with steps ~50% slower.
 # tcmalloc must be loaded before anything else (LD_PRELOAD), so the CLI re-executes itself once with it;
 # ranks, pods and subprocesses inherit the variable. QLORAX_ALLOCATOR=system keeps glibc; a user's own
@@ -233,6 +233,20 @@ def allocator_env(environ: dict[str, str], dirs: tuple[str, ...] = _LIBRARY_DIRS
     return {**environ, "LD_PRELOAD": f"{library} {preload}".strip(), _REEXEC_MARK: "1",
             # gperftools reports each allocation over 1 GiB on stderr (a 7B model's embedding is one)
             "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))}
+
+
+def reexec_with_allocator(module: str) -> None:
+    """Replace this process with ``python -m module <same arguments>`` under tcmalloc, where ``allocator_env`` says to.
+
+    Called first thing by the CLI and by a worker started on its own; returns only when nothing is to change.
+    """
+    import sys
+
+    env = allocator_env(dict(os.environ))
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
 def allocator_in_use(maps: str = "/proc/self/maps") -> str:

@@ -75,16 +75,22 @@ def _start_two_ranks(run_dir: Path, *extra: str) -> subprocess.Popen:
     return proc
 
 
-def test_killing_one_rank_stops_the_job_quickly_with_no_orphans(tmp_path):
+def _rank_process(proc: subprocess.Popen, rank: int):
+    """The one worker process of ``rank`` under the CLI process ``proc``."""
     import psutil
 
+    found = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "qlorax.launchers.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == str(rank)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_killing_one_rank_stops_the_job_quickly_with_no_orphans(tmp_path):
     run_dir = tmp_path / "dies"
     proc = _start_two_ranks(run_dir)
-    victims = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "qlorax.launchers.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
-    assert len(victims) == 1
+    victim = _rank_process(proc, 1)
     killed_at = time.monotonic()
-    victims[0].send_signal(signal.SIGKILL)
+    victim.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=60)
     elapsed = time.monotonic() - killed_at
     assert proc.returncode != 0
@@ -170,13 +176,9 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """SIGTERM reaches one rank (a pod eviction, a kill): the ranks agree on the stop, save once, and resume."""
-    import psutil
-
     run_dir = tmp_path / "one_signalled"
     proc = _start_two_ranks(run_dir, "train.save_steps=1000")
-    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if "qlorax.launchers.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
-    rank1[0].send_signal(signal.SIGTERM)
+    _rank_process(proc, 1).send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "resume=auto" in err and "Traceback" not in err
