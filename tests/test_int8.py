@@ -197,3 +197,26 @@ def test_train_with_int8_compute_on_stories260k(tmp_path, stories260k, english_q
     assert abs(compute["loss_gap"]) < compute["max_loss_gap"]
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert "quant.compute=int8" in (result.stdout + result.stderr)
+
+
+def test_convert_frees_each_4bit_weight_as_it_goes_without_a_collection(stories260k, monkeypatch):
+    """A collection per layer took 0.22 s each on the 1.1B shape; the weights must still go as each layer is replaced."""
+    import gc
+    import weakref
+
+    from qlorax.engine.quant import _float_weight, load_base_model
+
+    spec = compose([f"model.path={stories260k}", "quant.compute=int8", "quant.int8_fuse=false"])
+    model = load_base_model(spec, str(stories260k), "bf16")
+    layers = int8.base_linear_layers(model, list(spec.quant.skip_modules))
+    weights = [weakref.ref(getattr(parent, name).weight) for parent, name, _ in layers]
+    assert type(weights[0]()).__name__ == "Params4bit"
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+    gc.disable()
+    try:
+        int8.convert(model, list(spec.quant.skip_modules), _float_weight, None, 0.0, False)
+        alive = sum(ref() is not None for ref in weights)
+    finally:
+        gc.enable()
+    assert alive == 0
+    assert all(type(getattr(parent, name)).__name__ == "Int8Linear" for parent, name, _ in layers)

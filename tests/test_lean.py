@@ -63,14 +63,19 @@ def test_gated_mlp_matches_transformers():
         assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2)
 
 
-def test_mask_dropout_keeps_a_byte_mask_and_drops_at_rate_p():
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashed-seed", "drawn-mask"])
+def test_seeded_dropout_keeps_only_its_token_and_drops_at_rate_p(hashed, monkeypatch):
+    from qlorax.engine import dropout as lora_dropout
+
+    if not hashed:   # where torch.compile is unavailable: the mask is drawn and kept, one byte per element
+        monkeypatch.setattr(lora_dropout, "_hashed_kernel", lambda: None)
     torch.manual_seed(0)
-    dropout = lean.mask_dropout(0.25)
+    dropout = lean.seeded_dropout(0.25)
     x = torch.ones(400, 500, dtype=torch.bfloat16, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = dropout(x)
-    assert [t.dtype for t in saved] == [torch.bool]
+    assert [(t.dtype, t.numel()) for t in saved] == ([(torch.int64, 1)] if hashed else [(torch.bool, x.numel())])
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.005
     assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.75))
@@ -78,7 +83,7 @@ def test_mask_dropout_keeps_a_byte_mask_and_drops_at_rate_p():
     assert torch.equal(x.grad, y.detach())            # d(x * mask * s)/dx = mask * s
     dropout.eval()
     assert dropout(x) is x
-    assert lean.mask_dropout(0.0).train()(x) is x
+    assert lean.seeded_dropout(0.0).train()(x) is x
 
 
 def _tiny_peft_model(dropout: float, seed: int = 0):

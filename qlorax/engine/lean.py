@@ -5,9 +5,10 @@ is avoidable (``train.lean_kernels=true``, the default, patches the model in pla
 
 - LoRA dropout: peft casts the layer input to the adapter's fp32 dtype on the CPU (its autocast
   check looks at CUDA only), so every q/k/v adapter kept a 2 MB fp32 dropout mask and made a 2 MB
-  fp32 copy. Under autocast the cast is switched off and dropout keeps a 1-byte mask (126 -> 33 MiB),
-  drawn 5x faster than ``bernoulli_`` (four 16-bit numbers per 64-bit draw). The adapter path itself
-  runs as one autograd node (``lora_fused``).
+  fp32 copy. Under autocast the cast is switched off, and dropout keeps no mask at all: each element's
+  keep bit is a hash of its index and one seed per call, recomputed in backward (``dropout``; 126 MiB ->
+  nothing). The adapter path itself runs as one autograd node (``lora_fused``), which keeps its input
+  rather than the dropped copy, so adapters on one input share it.
 - RMSNorm: the fp32 upcast of the input was kept (88 MiB); now the input in its own dtype and one
   fp32 scale per row.
 - Gated MLP ``down(silu(gate) * up)``: ``silu(gate)`` was kept besides ``gate`` and ``up``
@@ -25,8 +26,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from qlorax.engine import dropout as lora_dropout
 from qlorax.engine import lora_fused
-from qlorax.engine.lora_fused import apply_keep, draw_keep_mask
 
 log = logging.getLogger("qlorax")
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -54,7 +55,7 @@ def make_lean(model, autocast: bool) -> dict[str, int]:
                 module.cast_input_dtype_enabled = False   # autocast already runs the adapter in bf16
             for key, dropout in list(dropouts.items()):
                 if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                    dropouts[key] = mask_dropout(dropout.p)
+                    dropouts[key] = seeded_dropout(dropout.p)
                     counts["lora_dropout"] += 1
             counts["fused_lora"] += lora_fused.fuse(module)
     causal_lm = _causal_lm(model)
@@ -158,32 +159,32 @@ def _dropout_class():
     class Dropout(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, p):
-            keep = draw_keep_mask(x.shape, p)
-            ctx.save_for_backward(keep)
+            dropped, token = lora_dropout.drop(x, p)
+            ctx.save_for_backward(token)
             ctx.p = p
-            return apply_keep(x, keep, p)
+            return dropped
 
         @staticmethod
         def backward(ctx, grad):
-            (keep,) = ctx.saved_tensors
-            return apply_keep(grad, keep, ctx.p), None
+            (token,) = ctx.saved_tensors
+            return lora_dropout.reapply(grad, token, ctx.p), None
 
     return Dropout
 
 
 @functools.cache   # made on first use, so importing this module needs no torch
-def _mask_dropout_class():
+def _seeded_dropout_class():
     import torch
 
-    class MaskDropout(torch.nn.Dropout):
-        """nn.Dropout that keeps a 1-byte mask for backward instead of a mask in the input's dtype."""
+    class SeededDropout(torch.nn.Dropout):
+        """nn.Dropout that keeps only a seed for backward (``dropout``), not a mask in the input's dtype."""
 
         def forward(self, x):
             if not self.training or self.p == 0:
                 return x
             return _dropout_class().apply(x, self.p)
 
-    return MaskDropout
+    return SeededDropout
 
 
 # ------------------------------------------------------------------ chunked loss
@@ -241,6 +242,6 @@ def _head_loss_class():
     return HeadLoss
 
 
-def mask_dropout(p: float):
-    """nn.Dropout(p) that keeps a 1-byte mask for backward."""
-    return _mask_dropout_class()(p)
+def seeded_dropout(p: float):
+    """nn.Dropout(p) that keeps only a seed for backward (a 1-byte mask where torch.compile is unavailable)."""
+    return _seeded_dropout_class()(p)

@@ -17,31 +17,9 @@ from __future__ import annotations
 
 import functools
 
-MASK_DROPOUT_CLASS_NAME = "MaskDropout"   # lean.mask_dropout's class
-_RANDOM_BITS = 16
+from qlorax.engine import dropout as lora_dropout
 
-
-def draw_keep_mask(shape, p: float):
-    """A bool mask, True with probability 1 - p (to 2^-16), from the default torch generator.
-
-    Each 64-bit draw of the generator gives four 16-bit numbers: a quarter of the draws of one number per
-    element (0.50 against 1.34 ms for 256 x 2048 on this project's 2-core machine).
-    """
-    import math
-
-    import torch
-
-    count = math.prod(shape)
-    draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1)
-    bits = draws.view(torch.int16)[:count].view(shape)
-    return bits >= round(p * 2 ** _RANDOM_BITS) - 2 ** (_RANDOM_BITS - 1)
-
-
-def apply_keep(t, keep, p: float):
-    """``t`` where ``keep``, 0 elsewhere, scaled by 1 / (1 - p): dropout's forward, and its backward on the gradient."""
-    import torch
-
-    return torch.where(keep, t, 0).mul_(1.0 / (1.0 - p))
+DROPOUT_CLASS_NAME = "SeededDropout"   # lean.seeded_dropout's class
 
 
 def fuse(module) -> bool:
@@ -64,7 +42,7 @@ def fuse(module) -> bool:
 def _plain_dropout(dropout) -> bool:
     import torch
 
-    return type(dropout) in (torch.nn.Identity, torch.nn.Dropout) or type(dropout).__name__ == MASK_DROPOUT_CLASS_NAME
+    return type(dropout) in (torch.nn.Identity, torch.nn.Dropout) or type(dropout).__name__ == DROPOUT_CLASS_NAME
 
 
 def _forward(self, x, *args, original, **kwargs):
@@ -95,30 +73,32 @@ def _function():
         def forward(ctx, x, base, a, b, scaling, p):
             dtype = base.dtype
             a_c, b_c = a.to(dtype), b.to(dtype)
-            kept = x.to(dtype)
-            keep = None
-            if p > 0:
-                keep = draw_keep_mask(kept.shape, p)
-                kept = apply_keep(kept, keep, p)
+            x_c = x.to(dtype)
+            kept, token = lora_dropout.drop(x_c, p) if p > 0 else (x_c, None)
             middle = (kept @ a_c.t()).mul_(scaling)
             out = torch.addmm(base, middle, b_c.t())
-            need_x = ctx.needs_input_grad[0]   # the first layer's input needs no gradient: keep neither A nor mask
-            ctx.save_for_backward(kept, middle, a_c if need_x else None, b_c, keep if need_x else None)
+            # The input is kept, not its dropped copy: adapters on one input (q, k, v; gate, up) share it, and
+            # backward drops it again from the token (a seed: nothing else is kept).
+            need_x = ctx.needs_input_grad[0]   # the first layer's input needs no gradient: keep no A
+            ctx.save_for_backward(x_c, middle, a_c if need_x else None, b_c, token)
             ctx.scaling, ctx.p, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, p, x.dtype, a.dtype, b.dtype
             return out
 
         @staticmethod
         def backward(ctx, grad):
-            kept, middle, a_c, b_c, keep = ctx.saved_tensors
-            grad = grad.to(kept.dtype)
+            x_c, middle, a_c, b_c, token = ctx.saved_tensors
+            grad = grad.to(x_c.dtype)
             grad_b = (grad.t() @ middle).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
             grad_middle = (grad @ b_c).mul_(ctx.scaling)
-            grad_a = (grad_middle.t() @ kept).to(ctx.a_dtype) if ctx.needs_input_grad[2] else None
+            grad_a = None
+            if ctx.needs_input_grad[2]:
+                kept = x_c if token is None else lora_dropout.reapply(x_c, token, ctx.p)
+                grad_a = (grad_middle.t() @ kept).to(ctx.a_dtype)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = grad_middle @ a_c
-                if keep is not None:
-                    grad_x = apply_keep(grad_x, keep, ctx.p)
+                if token is not None:
+                    grad_x = lora_dropout.reapply(grad_x, token, ctx.p)
                 grad_x = grad_x.to(ctx.x_dtype)
             return grad_x, grad, grad_a, grad_b, None, None
 

@@ -55,8 +55,27 @@ def _glibc():
     return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
+def _tcmalloc_release():
+    """tcmalloc's MallocExtension_ReleaseFreeMemory where tcmalloc is the process's allocator, else None."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).MallocExtension_ReleaseFreeMemory
+    except (OSError, AttributeError):
+        return None
+
+
 def return_freed_memory() -> None:
-    """Give the bf16 temporaries freed while quantizing back to the OS (glibc keeps them otherwise)."""
+    """Give the temporaries freed while quantizing back to the OS (glibc and tcmalloc keep them otherwise).
+
+    tcmalloc (qlorax's allocator while training, see hardware.allocator_env) keeps freed pages for reuse; when
+    the int8 copy of each layer is made from its dequantized fp32 weight, the freed temporaries it cannot reuse
+    (the int8 weights sit between them) stayed resident: +385 MiB on the 1.1B shape.
+    """
+    release = _tcmalloc_release()
+    if release is not None:
+        release()
+        return
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

@@ -308,9 +308,24 @@ def convert(model, skip_modules, dense_weight, act_absmax: dict | None, alpha: f
             weight = dense_weight(child)
             int8_layer = make_int8_linear(weight, child.bias, (act_absmax or {}).get(full), alpha, fuse, storage)
             setattr(parent, child_name, int8_layer)
+            _drop_tensors(child)
             del child, weight
-            # A 4-bit layer sits in reference cycles (its bound forward, Params4bit.module): without a collection
-            # every replaced layer stayed alive to the end, +1.1 GiB at the peak on the 1.1B shape.
-            gc.collect()
-    return_freed_memory()
+            return_freed_memory()
+    gc.collect()   # the emptied 4-bit modules themselves, once
     return len(layers)
+
+
+def _drop_tensors(layer) -> None:
+    """Free a replaced layer's tensors now.
+
+    A 4-bit layer sits in reference cycles (its bound forward, Params4bit.module), so it outlives its last
+    reference until a garbage collection: every replaced layer stayed alive to the end, +1.1 GiB at the peak on
+    the 1.1B shape. A collection per layer freed them but took 0.22 s each (35 of the 42 s the 154 layers of
+    the 1.1B shape took to convert); emptying the layer's tensor dicts lets reference counting free the weights.
+    """
+    for tensors in (layer._parameters, layer._buffers):
+        for name in list(tensors):
+            tensor = tensors.pop(name)
+            if tensor is not None and hasattr(tensor, "module"):
+                tensor.module = None   # Params4bit -> its layer
+    layer.__dict__.pop("forward", None)   # a forward bound to the instance
