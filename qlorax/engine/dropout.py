@@ -72,9 +72,10 @@ def _hashed_kernel():
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
         def kernel(t, seed, threshold, scale):
-            if t.dim() > 1 and t.shape[0] > 1:
-                torch._dynamo.mark_dynamic(t, 0)   # one kernel per row width, any row count
-            return compiled(t, seed, threshold, scale)
+            rows = t.reshape(-1, t.shape[-1])   # [batch, seq, width] too: one kernel per width, any row count
+            if rows.shape[0] > 1:
+                torch._dynamo.mark_dynamic(rows, 0)
+            return compiled(rows, seed, threshold, scale).view(t.shape)
 
         probe = torch.ones(3, 16, dtype=torch.bfloat16)   # the first call compiles; fall back if it cannot
         seed = torch.tensor(7, dtype=torch.int64)
