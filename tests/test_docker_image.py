@@ -128,6 +128,9 @@ def test_standalone_two_rank_run_through_the_entrypoint(container, tmp_path):
     assert steps == [1, 2, 3, 4]
     assert (run.merged / "config.json").exists() and run.verify.exists() and run.report.exists()
     assert {p.stat().st_uid for p in run.root.rglob("*")} == {int(IMAGE_UID)}
+    said = done.stdout + done.stderr + (run.root / "logs" / "rank-0.log").read_text()
+    assert "allocator tcmalloc" in said                       # the image's libtcmalloc-minimal4, preloaded
+    assert "torch.compile" not in said                        # g++ is there: no eager-fallback warning
 
 
 def test_k8s_image_has_mpi_and_the_sshd_config(container):
