@@ -26,7 +26,8 @@ def test_compiled_kernel_matches_the_eager_reference_bit_for_bit(kernel, shape, 
         assert torch.equal(kernel(x, seed, lora_dropout._threshold(0.1), 1 / 0.9), want)
 
 
-def test_rate_and_independence_across_seeds_and_neighbours(kernel):
+def test_rate_and_independence_across_seeds_and_neighbours():
+    """A property of the hash itself (the eager reference): it holds where torch.compile is unavailable too."""
     p = 0.05
     ones = torch.ones(1024, 2048)
     a = lora_dropout.hashed_dropout(ones, torch.tensor(1), lora_dropout._threshold(p), 1.0) == 0
