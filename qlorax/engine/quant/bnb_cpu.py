@@ -22,8 +22,8 @@ import ctypes as ct
 import functools
 import logging
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
+
+from qlorax.engine.quant.native import run_row_slices, scratch
 
 log = logging.getLogger("qlorax")
 _INSTALLED = {"done": False}
@@ -58,32 +58,16 @@ def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtyp
     packed = packed.view(torch.uint8).reshape(-1)
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype)
-    step = max(_MIN_ROWS_PER_THREAD, -(-rows // threads))
-    slices = [(start, min(rows, start + step)) for start in range(0, rows, step)]
     a_ptr, m_ptr, o_ptr = packed.data_ptr(), absmax.data_ptr(), out.data_ptr()
     blocks_per_row = cols // blocksize
 
-    def run(bounds):
-        lo, hi = bounds
+    def run(lo, hi):
         kernel(ct.c_void_p(a_ptr + lo * cols // 2), ct.c_void_p(m_ptr + lo * blocks_per_row * 4),
                ct.c_void_p(o_ptr + lo * cols * out.element_size()), ct.c_longlong(blocksize),
                ct.c_longlong(hi - lo), ct.c_longlong(cols))
 
-    # The calling thread takes the first slice itself: one pool hand-off fewer per weight.
-    pending = [_pool(threads).submit(run, bounds) for bounds in slices[1:]]
-    run(slices[0])
-    for job in pending:
-        job.result()
+    run_row_slices(run, rows, threads, _MIN_ROWS_PER_THREAD)
     return out
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qlorax-dequant")
-    return _POOLS[threads]
 
 
 def install() -> bool:
@@ -123,21 +107,6 @@ def install() -> bool:
 
 
 # ------------------------------------------------------------------ training forward/backward
-_SCRATCH = threading.local()
-
-
-def _scratch(shape, dtype):
-    """A [rows, cols] view of this thread's one scratch buffer (grown to the largest weight seen)."""
-    import torch
-
-    numel = int(shape[0]) * int(shape[1])
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    if dtype not in buffers or buffers[dtype].numel() < numel:
-        buffers.pop(dtype, None)   # free the smaller buffer before allocating its replacement
-        buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buffers[dtype][:numel].view(int(shape[0]), int(shape[1]))
-
-
 def _dequantize_scratch(weight, state):
     """The weight dequantized into this thread's scratch buffer for its shape: valid until the next call."""
     import torch
@@ -147,7 +116,7 @@ def _dequantize_scratch(weight, state):
     if state.nested:
         absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
         absmax = absmax.float()
-    out = _scratch(state.shape, state.dtype)
+    out = scratch(state.shape, state.dtype)
     done = dequantize_rows(weight, absmax, state.blocksize, state.quant_type, state.shape, state.dtype,
                            torch.get_num_threads(), out=out)
     if done is None:

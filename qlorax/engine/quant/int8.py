@@ -18,8 +18,8 @@ batches; ``a = quant.int8_smoothing``, 0 disables it).
 
 Weight storage (``quant.int8_weight``): ``int8`` keeps the int8 weight (1 byte per weight, fastest);
 ``int4`` keeps 4 bits per weight in a form whose int8 version is a nibble unpack times a per-64 integer
-multiplier, made per use (NF4 -> int8 per use would need a float dequantize and requantize, which costs
-more than int8 saves; README, "int8 compute").
+multiplier, made per use by a native loop into a reused buffer (``native``; NF4 -> int8 per use would need a
+float dequantize and requantize, which costs more than int8 saves; README, "int8 compute").
 The row-wise quantizer and the epilogue are fused with torch.compile when ``quant.int8_fuse`` is on
 (eager reference otherwise; tests hold the two together).
 """
@@ -123,9 +123,25 @@ def _fused():
 
 
 def kernels(fuse: bool):
-    """(quantize_rows, scale_accumulator, unpack_int4): compiled when ``fuse`` and compiling works, else eager."""
-    fused = _fused() if fuse else None
-    return fused if fused is not None else (quantize_rows, scale_accumulator, unpack_int4)
+    """(quantize_rows, scale_accumulator, unpack_int4): fast where ``fuse`` is on and they build, else eager.
+
+    The quantizer and epilogue are torch.compile'd; the int4 unpack is the native C loop (``native``: 0.45 ms
+    per 5632 x 2048 weight, where the compiled one takes 8.3 ms), else the compiled one.
+    """
+    if not fuse:
+        return quantize_rows, scale_accumulator, unpack_int4
+    return _fast_kernels()
+
+
+@functools.cache
+def _fast_kernels():
+    from qlorax.engine.quant import native
+
+    quantize, epilogue, unpack = _fused() or (quantize_rows, scale_accumulator, unpack_int4)
+    lib = native.library()
+    if lib is not None:
+        unpack = functools.partial(native.unpack_int4, lib=lib)
+    return quantize, epilogue, unpack
 
 
 # ------------------------------------------------------------------ weights
