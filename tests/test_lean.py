@@ -86,13 +86,13 @@ def test_seeded_dropout_keeps_only_its_token_and_drops_at_rate_p(hashed, monkeyp
     assert lean.seeded_dropout(0.0).train()(x) is x
 
 
-def _tiny_peft_model(dropout: float, seed: int = 0):
+def _tiny_peft_model(dropout: float, seed: int = 0, targets=("q_proj", "v_proj")):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(_llama_config()).to(torch.bfloat16)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets)))
     for p in model.parameters():
         if p.requires_grad:
             p.data = (torch.randn(p.shape) * 0.05).float()
@@ -139,6 +139,52 @@ def test_make_lean_same_training_step_and_less_kept_for_backward():
     with_dropout, lean_dropout = _tiny_peft_model(dropout=0.1), _tiny_peft_model(dropout=0.1)
     assert lean.make_lean(lean_dropout, autocast=True)["lora_dropout"] == 4
     assert _saved_bytes(lean_dropout, ids) < 0.75 * _saved_bytes(with_dropout, ids)
+
+
+def _kept_down_inputs(model, ids) -> tuple[int, int]:
+    """(down_proj inputs seen, how many of them a LoRA backward node keeps) after one forward."""
+    inputs = []   # held here, so a recomputed tensor cannot take a freed input's address
+    hooks = [m.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+             for name, m in model.named_modules() if name.endswith("mlp.down_proj")]
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    for hook in hooks:
+        hook.remove()
+    kept, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "LoraPathBackward":
+            kept |= {t.untyped_storage().data_ptr() for t in node.saved_tensors if t is not None}
+        todo += [n for n, _ in node.next_functions]
+    return len(inputs), sum(t.untyped_storage().data_ptr() in kept for t in inputs)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_down_proj_adapter_input_is_recomputed_not_kept(monkeypatch, checkpointing):
+    """LoRA on down_proj keeps silu(gate) * up for its A gradient; backward recomputes it from gate and up."""
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(5))
+    runs = {}
+    for recompute in (True, False):
+        if not recompute:   # the plain path: down_proj's adapter keeps its input
+            monkeypatch.setattr(lean, "_other_saved_tensor_hooks", lambda: True)
+        model = _tiny_peft_model(dropout=0.1, targets=("q_proj", "down_proj"))
+        assert lean.make_lean(model, autocast=True)["gated_mlp"] == 2
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(11)
+        runs[recompute] = (_step(model, ids), None if checkpointing else _kept_down_inputs(model, ids))
+    (loss_a, grads_a), kept_a = runs[True]
+    (loss_b, grads_b), kept_b = runs[False]
+    assert loss_a == loss_b
+    assert any("down_proj.lora_A" in name for name in grads_a)
+    for name, grad in grads_b.items():
+        assert torch.equal(grads_a[name], grad), name   # the recomputed input is bit-identical
+    if not checkpointing:
+        assert kept_a == (2, 0) and kept_b == (2, 2)   # 2 layers: kept by the plain path, by neither here
 
 
 def _unfuse(model) -> int:
