@@ -113,10 +113,12 @@ def _compiler() -> str:
 
 
 def cache_dir() -> Path:
-    """``$QLORAX_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/qlorax/kernels`` (``~/.cache``), else the temp dir."""
+    """``$QLORAX_KERNEL_CACHE``, else ``kernels/`` in qlorax's cache (``$QLORAX_CACHE``), else the temp dir."""
+    from qlorax.engine.tiny import cache_root
+
     if os.environ.get("QLORAX_KERNEL_CACHE"):
         return Path(os.environ["QLORAX_KERNEL_CACHE"])
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qlorax" / "kernels"
+    home = cache_root() / "kernels"
     try:
         home.mkdir(parents=True, exist_ok=True)
         if os.access(home, os.W_OK):
