@@ -69,3 +69,13 @@ def test_without_a_working_compiler_int4_unpacks_with_torch_and_says_so(compiler
     monkeypatch.setenv("PATH", system_path)   # torch.compile's own kernels need the compiler back
     packed, mult, _ = int8.pack_int4(torch.randn(8, 128))
     assert torch.equal(int8.kernels(True)[2](packed, mult), int8.unpack_int4(packed, mult))
+
+
+@needs_compiler
+def test_a_kernel_cache_others_can_write_to_is_refused(fresh_build, caplog):
+    fresh_build.mkdir(parents=True)
+    fresh_build.chmod(0o777)   # anyone could drop a library here that this process would load
+    with caplog.at_level("WARNING", logger="qlorax"):
+        assert native.library() is None
+    assert "not private to this user" in caplog.text and "QLORAX_KERNEL_CACHE" in caplog.text
+    assert list(fresh_build.iterdir()) == []   # nothing built or loaded there

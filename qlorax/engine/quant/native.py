@@ -89,9 +89,10 @@ def _built() -> Path:
     key = hashlib.sha256("\n".join([SOURCE, compiler, *version, *FLAGS, platform.machine(), _cpu_flags()])
                          .encode()).hexdigest()[:16]
     target = cache_dir() / f"qlorax_kernels_{key}.so"
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(target.parent)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         source = Path(work, "kernels.c")
         source.write_text(SOURCE)
@@ -102,6 +103,14 @@ def _built() -> Path:
             raise RuntimeError(f"{compiler} failed{': ' + said[-1] if said else f' (exit {done.returncode})'}")
         os.replace(built, target)
     return target
+
+
+def _check_private(directory: Path) -> None:
+    """A library loaded from a directory someone else can write to runs their code: refuse it."""
+    info = directory.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise RuntimeError(f"the kernel cache {directory} is not private to this user (owner uid {info.st_uid}, "
+                           f"mode {oct(info.st_mode & 0o777)}); set QLORAX_KERNEL_CACHE to a directory only you can write")
 
 
 def _compiler() -> str:
@@ -120,7 +129,7 @@ def cache_dir() -> Path:
         return Path(os.environ["QLORAX_KERNEL_CACHE"])
     home = cache_root() / "kernels"
     try:
-        home.mkdir(parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
         if os.access(home, os.W_OK):
             return home
     except OSError:
