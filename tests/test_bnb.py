@@ -189,6 +189,26 @@ def test_threaded_dequantization_is_bit_identical(shape, quant_type, double):
     assert torch.equal(F.dequantize_4bit(q, state), serial)   # the op bitsandbytes' layers call
 
 
+@pytest.mark.parametrize("shape,quant_type,blocksize", [((1100, 256), "nf4", 64), ((512, 640), "fp4", 64),
+                                                         ((96, 512), "nf4", 128), ((3, 256), "fp4", 256)])
+def test_native_dequantization_equals_bitsandbytes_kernel(shape, quant_type, blocksize, monkeypatch):
+    import bitsandbytes.functional as F
+
+    from qlorax.engine.quant import bnb_cpu
+
+    bnb_cpu._native_dequant.cache_clear()
+    if bnb_cpu._native_dequant(quant_type) is None:
+        pytest.skip("no vectorized native kernel here (needs a C compiler and AVX-512BW)")
+    torch.manual_seed(1)
+    weight = torch.randn(*shape, dtype=torch.bfloat16)
+    weight[0, :5] = torch.tensor([30.0, -0.0, 1e-6, -7.5, 0.25])   # a wide block: ties and tiny values round
+    q, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
+    native = bnb_cpu.dequantize_rows(q, state.absmax, blocksize, quant_type, shape, torch.bfloat16, threads=2)
+    monkeypatch.setattr(bnb_cpu, "_native_dequant", lambda quant_type: None)   # bitsandbytes' own kernel
+    own = bnb_cpu.dequantize_rows(q, state.absmax, blocksize, quant_type, shape, torch.bfloat16, threads=2)
+    assert torch.equal(native.view(torch.int16), own.view(torch.int16))
+
+
 @pytest.mark.parametrize("quant_type,double,bias", [("nf4", False, False), ("fp4", False, True), ("nf4", True, True)])
 def test_scratch_buffer_linear_is_bit_identical_to_bitsandbytes(quant_type, double, bias):
     """qlorax's Linear4bit forward (dequantize into one reused buffer) = bitsandbytes' MatMul4Bit, values and grads."""

@@ -60,14 +60,37 @@ def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtyp
         out = torch.empty((rows, cols), dtype=dtype)
     a_ptr, m_ptr, o_ptr = packed.data_ptr(), absmax.data_ptr(), out.data_ptr()
     blocks_per_row = cols // blocksize
+    native = _native_dequant(quant_type) if dtype == torch.bfloat16 and blocksize % 64 == 0 and not cols % blocksize else None
+    if native is not None:   # same values, bit for bit; 0.45-0.76 ms per 5632 x 2048 weight against 0.9
+        lib, code = native
 
-    def run(lo, hi):
-        kernel(ct.c_void_p(a_ptr + lo * cols // 2), ct.c_void_p(m_ptr + lo * blocks_per_row * 4),
-               ct.c_void_p(o_ptr + lo * cols * out.element_size()), ct.c_longlong(blocksize),
-               ct.c_longlong(hi - lo), ct.c_longlong(cols))
+        def run(lo, hi):
+            lib.qlorax_dequant4_bf16(a_ptr, m_ptr, code.data_ptr(), o_ptr, lo * cols, hi * cols, blocksize)
+    else:
+        def run(lo, hi):
+            kernel(ct.c_void_p(a_ptr + lo * cols // 2), ct.c_void_p(m_ptr + lo * blocks_per_row * 4),
+                   ct.c_void_p(o_ptr + lo * cols * out.element_size()), ct.c_longlong(blocksize),
+                   ct.c_longlong(hi - lo), ct.c_longlong(cols))
 
     run_row_slices(run, rows, threads, _MIN_ROWS_PER_THREAD)
     return out
+
+
+@functools.cache
+def _native_dequant(quant_type: str):
+    """(qlorax's vectorized 4-bit -> bf16 kernel, the format's 16 values) where it builds with AVX-512BW, else None.
+
+    bitsandbytes' CPU kernel looks each value up in a scalar loop: 0.9 ms per 5632 x 2048 weight on 2 cores, twice
+    per weight per step. qlorax's does a block's 16 lookups with one vpermw per 32 values (``native``).
+    """
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    from qlorax.engine.quant import native
+
+    lib = native.library()
+    if lib is None or not lib.qlorax_dequant4_vectorized():
+        return None
+    return lib, _get_4bit_code(quant_type, "cpu").float().contiguous()
 
 
 def install() -> bool:
