@@ -131,6 +131,7 @@ def test_standalone_two_rank_run_through_the_entrypoint(container, tmp_path):
     said = done.stdout + done.stderr + (run.root / "logs" / "rank-0.log").read_text()
     assert "allocator tcmalloc" in said                       # the image's libtcmalloc-minimal4, preloaded
     assert "torch.compile" not in said                        # g++ is there: no eager-fallback warning
+    assert "native kernels unavailable" not in said           # and qlorax's own kernels build as the image's user
 
 
 def test_k8s_image_has_mpi_and_the_sshd_config(container):
