@@ -137,3 +137,17 @@ def test_missing_template_field_names_field_row_and_file(tmp_path, tokenizer):
         D.prepare(spec, tokenizer)
     message = str(info.value)
     assert "'answer'" in message and "row 2" in message and str(rows) in message
+
+
+def test_a_changed_data_file_is_tokenized_again(tokenizer, tmp_path, english_quotes):
+    data = tmp_path / "quotes.jsonl"
+    lines = english_quotes.read_text().splitlines()[:60]
+    data.write_text("\n".join(lines) + "\n")
+    spec = compose(["data=english_quotes", f"data.path={data}"])
+    paths = RunPaths(tmp_path / "run")
+    D.prepare(spec, tokenizer, paths)
+    D.prepare(spec, tokenizer, paths)
+    assert len(list(paths.data_cache.glob("*.pt"))) == 1   # same bytes: reused
+    data.write_text("\n".join(lines[::-1]) + "\n")       # same rows, another order: another file
+    D.prepare(spec, tokenizer, paths)
+    assert len(list(paths.data_cache.glob("*.pt"))) == 2

@@ -99,7 +99,8 @@ def _cache_key(cfg: DataConfig, source: str, tokenizer, chat_template: str) -> s
     h.update(json.dumps({k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, default=str, sort_keys=True).encode())
     location = Path(source)
     if location.is_file():
-        h.update(location.read_bytes())
+        with location.open("rb") as content:   # streamed: a data file can be larger than memory
+            h.update(hashlib.file_digest(content, "sha256").digest())
     else:
         h.update(source.encode())
     probe = "Tokenizer fingerprint: 0123456789 ->: ['a', 'b'] \u00e9\u4e2d"
