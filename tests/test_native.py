@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -49,7 +50,17 @@ def test_kernels_are_built_once_into_the_cache(fresh_build):
     assert list(fresh_build.iterdir()) == built and built[0].stat().st_mtime_ns == stamp   # loaded, not rebuilt
 
 
-@pytest.mark.parametrize("compiler", ["none on PATH", "one that fails"])
+class _Impatient:
+    """``subprocess`` for native.py alone, with every timeout at 1 s."""
+
+    SubprocessError = subprocess.SubprocessError
+
+    @staticmethod
+    def run(*args, **kwargs):
+        return subprocess.run(*args, **{**kwargs, "timeout": 1})
+
+
+@pytest.mark.parametrize("compiler", ["none on PATH", "one that fails", "one that hangs"])
 def test_without_a_working_compiler_int4_unpacks_with_torch_and_says_so(compiler, fresh_build, tmp_path,
                                                                         monkeypatch, caplog):
     bin_dir = tmp_path / "bin"
@@ -58,14 +69,17 @@ def test_without_a_working_compiler_int4_unpacks_with_torch_and_says_so(compiler
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.delenv("CXX", raising=False)
-    if compiler == "one that fails":
-        failing = bin_dir / "g++"
-        failing.write_text("#!/bin/sh\necho 'fatal error: no space left' >&2\nexit 1\n")
-        failing.chmod(0o755)
+    if compiler != "none on PATH":
+        script = bin_dir / "g++"
+        script.write_text("#!/bin/sh\necho 'fatal error: no space left' >&2\nexit 1\n" if compiler == "one that fails"
+                          else f"#!/bin/sh\nexec {shutil.which('sleep', path=system_path)} 30\n")
+        script.chmod(0o755)
+        monkeypatch.setattr(native, "subprocess", _Impatient())   # the compiler's timeout, 1 s here
     with caplog.at_level("WARNING", logger="qlorax"):
         assert native.library() is None
     assert "native kernels unavailable" in caplog.text
-    assert ("install g++" if compiler == "none on PATH" else "no space left") in caplog.text
+    assert {"none on PATH": "install g++", "one that fails": "no space left", "one that hangs": "timed out"}[compiler] \
+        in caplog.text
     monkeypatch.setenv("PATH", system_path)   # torch.compile's own kernels need the compiler back
     packed, mult, _ = int8.pack_int4(torch.randn(8, 128))
     assert torch.equal(int8.kernels(True)[2](packed, mult), int8.unpack_int4(packed, mult))

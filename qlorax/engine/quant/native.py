@@ -123,7 +123,7 @@ def library():
     try:
         path = _built()
         lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:   # SubprocessError: a compiler that hangs
         log.warning("native kernels unavailable (%s); int4 weights unpack with torch ops, several times slower, and "
                     "4-bit weights dequantize with bitsandbytes' kernel",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -140,7 +140,8 @@ def library():
 def _built() -> Path:
     """The shared library for this machine: from the cache, or compiled into it (atomically: ranks may race)."""
     compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    said = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = said.splitlines()[:1]
     key = hashlib.sha256("\n".join([SOURCE, compiler, *version, *FLAGS, platform.machine(), _cpu_flags()])
                          .encode()).hexdigest()[:16]
     target = cache_dir() / f"qlorax_kernels_{key}.so"
@@ -152,7 +153,8 @@ def _built() -> Path:
         source = Path(work, "kernels.c")
         source.write_text(SOURCE)
         built = Path(work, target.name)
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             said = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"{compiler} failed{': ' + said[-1] if said else f' (exit {done.returncode})'}")
