@@ -60,7 +60,8 @@ def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtyp
         out = torch.empty((rows, cols), dtype=dtype)
     a_ptr, m_ptr, o_ptr = packed.data_ptr(), absmax.data_ptr(), out.data_ptr()
     blocks_per_row = cols // blocksize
-    native = _native_dequant(quant_type) if dtype == torch.bfloat16 and blocksize % 64 == 0 and not cols % blocksize else None
+    fits = dtype == torch.bfloat16 and blocksize % 64 == 0 and not cols % blocksize   # whole 64-value blocks per row
+    native = _native_dequant(quant_type) if fits else None
     if native is not None:   # same values, bit for bit; 0.45-0.76 ms per 5632 x 2048 weight against 0.9
         lib, code = native
 

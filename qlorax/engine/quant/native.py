@@ -167,7 +167,8 @@ def _check_private(directory: Path) -> None:
     info = directory.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise RuntimeError(f"the kernel cache {directory} is not private to this user (owner uid {info.st_uid}, "
-                           f"mode {oct(info.st_mode & 0o777)}); set QLORAX_KERNEL_CACHE to a directory only you can write")
+                           f"mode {oct(info.st_mode & 0o777)}); set QLORAX_KERNEL_CACHE to a directory only you "
+                           "can write")
 
 
 def _compiler() -> str:
