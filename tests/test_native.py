@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from qlorax.engine.quant import int8, native
+from qlorax.engine.quant import bnb_cpu, int8, native
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in native.COMPILERS), reason="no C compiler")
 
@@ -18,11 +18,16 @@ def fresh_build(tmp_path, monkeypatch):
     """Kernels built into an empty cache; the process's own kernels come back afterwards."""
     int8._fused()   # torch.compile's kernels first: a test below takes the compiler away
     monkeypatch.setenv("QLORAX_KERNEL_CACHE", str(tmp_path / "kernels"))
-    native.library.cache_clear()
-    int8._fast_kernels.cache_clear()
+    _forget_kernels()
     yield tmp_path / "kernels"
+    _forget_kernels()
+
+
+def _forget_kernels() -> None:
+    """Every cache holding a decision made from ``native.library()``."""
     native.library.cache_clear()
     int8._fast_kernels.cache_clear()
+    bnb_cpu._native_dequant.cache_clear()
 
 
 @needs_compiler
@@ -33,7 +38,7 @@ def test_native_int4_unpack_equals_the_torch_reference(rows, cols, fresh_build):
     weight[0, 5] = 40.0   # one outlier: its group's multiplier is 18, the others small
     packed, mult, _ = int8.pack_int4(weight)
     unpack = int8.kernels(True)[2]
-    assert unpack.func is native.unpack_int4   # the native kernel, not the torch fallback
+    assert unpack is native.unpack_int4   # the native kernel, not the torch fallback
     got = unpack(packed, mult)
     assert torch.equal(got, int8.unpack_int4(packed, mult))   # row slices over threads (1100, 2048 rows) too
     assert torch.equal(unpack(packed[:1], mult[:1]), int8.unpack_int4(packed[:1], mult[:1]))   # scratch reused

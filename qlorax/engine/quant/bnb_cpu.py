@@ -59,7 +59,6 @@ def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtyp
     if out is None:
         out = torch.empty((rows, cols), dtype=dtype)
     a_ptr, m_ptr, o_ptr = packed.data_ptr(), absmax.data_ptr(), out.data_ptr()
-    blocks_per_row = cols // blocksize
     fits = dtype == torch.bfloat16 and blocksize % 64 == 0 and not cols % blocksize   # whole 64-value blocks per row
     native = _native_dequant(quant_type) if fits else None
     if native is not None:   # same values, bit for bit; 0.45-0.76 ms per 5632 x 2048 weight against 0.9
@@ -68,6 +67,8 @@ def dequantize_rows(packed, absmax, blocksize: int, quant_type: str, shape, dtyp
         def run(lo, hi):
             lib.qlorax_dequant4_bf16(a_ptr, m_ptr, code.data_ptr(), o_ptr, lo * cols, hi * cols, blocksize)
     else:
+        blocks_per_row = cols // blocksize
+
         def run(lo, hi):
             kernel(ct.c_void_p(a_ptr + lo * cols // 2), ct.c_void_p(m_ptr + lo * blocks_per_row * 4),
                    ct.c_void_p(o_ptr + lo * cols * out.element_size()), ct.c_longlong(blocksize),

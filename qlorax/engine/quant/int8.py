@@ -138,10 +138,7 @@ def _fast_kernels():
     from qlorax.engine.quant import native
 
     quantize, epilogue, unpack = _fused() or (quantize_rows, scale_accumulator, unpack_int4)
-    lib = native.library()
-    if lib is not None:
-        unpack = functools.partial(native.unpack_int4, lib=lib)
-    return quantize, epilogue, unpack
+    return quantize, epilogue, native.unpack_int4 if native.library() is not None else unpack
 
 
 # ------------------------------------------------------------------ weights

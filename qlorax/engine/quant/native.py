@@ -252,13 +252,13 @@ def scratch(shape, dtype):
 MIN_UNPACK_ROWS = 512   # 512 x 2048 weights and up split over threads; smaller ones cost more to hand off
 
 
-def unpack_int4(packed, group_mult, lib=None):
-    """The native ``int8.unpack_int4``: the int8 form of an int4-stored weight, in the scratch buffer."""
+def unpack_int4(packed, group_mult):
+    """The native ``int8.unpack_int4`` (where ``library()`` built): an int4-stored weight's int8 form, in scratch."""
     import ctypes
 
     import torch
 
-    lib = lib or library()
+    lib = library()
     rows, cols = packed.shape[0], packed.shape[1] * 2
     packed, group_mult = packed.contiguous(), group_mult.contiguous()
     out = scratch((rows, cols), torch.int8)
