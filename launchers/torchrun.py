@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from qlorax.errors import InternalError, Interrupted, PeerLost, QloraxError
@@ -75,6 +76,10 @@ def launch(spec: RunSpec) -> LaunchResult:
                                start_new_session=True)
     torchrun_err = []
     interrupted = in_report = False
+    # SIGTERM (kill, systemd, a batch scheduler) stops the ranks as Ctrl-C does: its default would end this process
+    # alone, and the ranks, in sessions of their own, would train on until a write to the closed pipe killed them
+    main_thread = threading.current_thread() is threading.main_thread()   # where Python runs signal handlers
+    previous_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         for line in process.stderr:    # pass rank 0's log through; keep torchrun's report for torchrun.log
             torchrun_err.append(line)
@@ -83,14 +88,17 @@ def launch(spec: RunSpec) -> LaunchResult:
             if not in_report and not _is_torchrun_noise(line):
                 sys.stderr.write(line)
         rc = process.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as stop:
         interrupted = True
-        os.killpg(process.pid, signal.SIGINT)   # ranks save a checkpoint at the step boundary
+        # torchrun passes the signal on to the ranks, which save a checkpoint at the step boundary
+        os.killpg(process.pid, signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT)
         # keep reading: torchrun and the ranks report the stop on stderr, and a full pipe nobody reads would
         # block them before they exit (and this wait with them)
         torchrun_err.extend(process.stderr)
         rc = process.wait()
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         _kill_group(process.pid)
     if rc == 0:
         return LaunchResult(ok=True, message=f"{spec.workers} ranks finished")
@@ -107,12 +115,28 @@ def launch(spec: RunSpec) -> LaunchResult:
     raise QloraxError(message) if rank_rc == QloraxError.exit_code else InternalError(message)
 
 
+class _Terminated(Exception):
+    """SIGTERM reached the launcher."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def _kill_group(pgid: int) -> None:
-    """No orphans: whatever torchrun left in its session goes too."""
+    """No orphans: whatever torchrun left in its session goes too, and its ranks, which torchrun starts in sessions
+    of their own (a second Ctrl-C while the ranks save, or a launcher error, ends here with torchrun still up)."""
+    import psutil
+
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        ranks = psutil.Process(pgid).children(recursive=True)
+    except psutil.Error:
+        ranks = []
+    for pid in [pgid, *(p.pid for p in ranks)]:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _is_torchrun_noise(line: str) -> bool:

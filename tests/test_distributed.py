@@ -66,7 +66,11 @@ def _start_two_ranks(run_dir: Path, *extra: str) -> subprocess.Popen:
     """A two-rank training run through the CLI, returned once it has logged three steps."""
     args = [sys.executable, "-m", "qlorax", "train", "parallel=ccl", "workers=2", *COMMON, "train.max_steps=100000",
             *extra, f"run_dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as a terminal starts a foreground command: with SIGINT at its default. A shell starts background jobs with
+    # SIGINT ignored, children inherit that, and Python leaves an ignored SIGINT ignored, so under a backgrounded
+    # test run the CLI would never see the Ctrl-C below (it trained on until the test timed out).
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
@@ -190,10 +194,12 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     assert stopped[0] == stopped[1] == int(saved[0].parent.name.split("-")[1])
 
 
-def test_ctrl_c_stops_all_ranks_at_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_all_ranks_at_a_checkpoint(tmp_path, sig):
+    """Ctrl-C (SIGINT to the foreground process) or SIGTERM (kill, a scheduler) to the launcher, not to a rank."""
     run_dir = tmp_path / "interrupted"
     proc = _start_two_ranks(run_dir)
-    proc.send_signal(signal.SIGINT)   # what Ctrl-C sends to the foreground process
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "resume=auto" in err and "Traceback" not in err
