@@ -9,7 +9,7 @@
 
 Each backend runs in its own process (so peak RSS covers the whole process, load included):
 NF4 (bitsandbytes, the default), int8 compute on the NF4-loaded base with int8 weights kept (nf4_int8) or
-int4 weights unpacked per use (nf4_int4), int8 compute with int8 weights made from the bf16 checkpoint (int8), bf16 LoRA (no quantization), "peer" (the same step as a
+int4 weights unpacked per use (nf4_int4), int8 compute with int8 or int4 weights made from the bf16 checkpoint (int8, int4), bf16 LoRA (no quantization), "peer" (the same step as a
 Hugging Face user writes it: transformers + peft + bitsandbytes, prepare_model_for_kbit_training) and,
 when `.venv-bigdl` exists, the reference's ipex-llm sym_int4. `--backends nf4_int8,bf16` picks rows. After a warm-up step per process, steps run in rounds
 (A B C A B C ...) so that drift of the machine hits every backend alike. The same run measures
@@ -37,8 +37,9 @@ SHAPE_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, 
 BACKENDS = {"nf4": ["quant=nf4"], "bf16": ["quant=none"], "sym_int4": ["quant=bigdl"],
             "nf4_int8": ["quant=nf4", "quant.compute=int8"],
             "nf4_int4": ["quant=nf4", "quant.compute=int8", "quant.int8_weight=int4"],
-            "int8": ["quant=none", "quant.compute=int8"], "peer": []}
-DEFAULT_BACKENDS = "nf4,nf4_int8,nf4_int4,int8,bf16,sym_int4,peer"
+            "int8": ["quant=none", "quant.compute=int8"],
+            "int4": ["quant=none", "quant.compute=int8", "quant.int8_weight=int4"], "peer": []}
+DEFAULT_BACKENDS = "nf4,nf4_int8,nf4_int4,int8,int4,bf16,sym_int4,peer"
 TARGETS = {"qkv": ["lora=default"], "all-linear": ["lora=all_linear"]}
 BIGDL_PYTHON = REPO / ".venv-bigdl" / "bin" / "python"
 
@@ -103,7 +104,7 @@ def worker(config: dict) -> None:
     params = prepare_for_training(model, spec, precision)
     optimizer = torch.optim.AdamW(params, lr=2e-4)
     ids, mask = random_batch(config, model.config.vocab_size)
-    compute = use_compute(model, spec, [(ids, mask, ids)], [(ids, mask, ids)], precision)
+    compute = use_compute(model, spec, [(ids, mask, ids)], [(ids, mask, ids)], precision, model_dir=config["model"])
     weights = linear_weight_bytes(model)
     emit({"ready": True, "load_s": time.perf_counter() - started, "linear_bytes": weights["linear"],
           "other_bytes": weights["other"], "lora_params": sum(p.numel() for p in params),
@@ -287,7 +288,7 @@ def main() -> None:
     parser.add_argument("--backends", default=None,
                         help=f"comma-separated rows, any of {DEFAULT_BACKENDS} (default: all; nf4_int8 = loaded as NF4, "
                              "int8 weights kept, int8 compute; nf4_int4 = the same with int4 weights unpacked per use; "
-                             "int8 = int8 weights from the bf16 checkpoint; peer = transformers+peft+bitsandbytes)")
+                             "int8 / int4 = int8 / int4 weights from the bf16 checkpoint; peer = transformers+peft+bitsandbytes)")
     parser.add_argument("--scaling", action="store_true",
                         help="multi-process scaling through the real CLI: N ranks x 1 thread vs 1 rank x N threads")
     parser.add_argument("--packing", action="store_true",

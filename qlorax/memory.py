@@ -108,7 +108,7 @@ def estimate(spec: RunSpec) -> Estimate:
     tokens = spec.train.micro_batch_size * spec.data.cutoff_len
     act = 2 if half else 4
     if spec.train.lean_kernels:   # measured: 9 h + 2 inter per token per layer (engine/lean.py)
-        per_layer_token = act * (9 * h + 2 * inter + 2 * kv * head_dim)
+        per_layer_token = act * (9 * h + 2 * kv * head_dim) + 2 * inter * (1 if spec.quant.keeps_mlp_int8 else act)
     else:                          # saved inputs of linears, fp32 norm inputs, the MLP's three products
         per_layer_token = act * (10 * h + 4 * inter + 2 * kv * head_dim)
     attention = act * spec.train.micro_batch_size * heads * spec.data.cutoff_len ** 2 if not half else 0

@@ -63,6 +63,44 @@ def test_gated_mlp_matches_transformers():
         assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["eager", "compiled"])
+def test_gated_mlp_keeps_gate_and_up_as_int8_rows(fuse):
+    """quant.int8_saved_mlp=int8: the forward is unchanged, gate and up are not kept, gradients stay close."""
+    import gc
+    import weakref
+
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from qlorax.engine.quant import int8
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(_llama_config()).to(torch.bfloat16)
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    params = [x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    runs = {}
+    for codec in (None, int8.row_codec(fuse)):
+        mlp.forward = lean._bind(lean._gated_mlp_forward, mlp)
+        mlp.qlorax_mlp_codec = codec
+        outputs = []
+        hooks = [m.register_forward_hook(lambda _, __, out: outputs.append(weakref.ref(out)))
+                 for m in (mlp.gate_proj, mlp.up_proj)]
+        y = mlp(x)
+        for hook in hooks:
+            hook.remove()
+        gc.collect()
+        alive = sum(ref() is not None for ref in outputs)
+        for t in params:
+            t.grad = None
+        y.backward(g)
+        runs[codec is None] = (y.detach(), [t.grad.float() for t in params], alive)
+    (want, want_grads, kept_plain), (got, got_grads, kept_int8) = runs[True], runs[False]
+    assert torch.equal(got, want)   # the forward is computed from the exact gate and up
+    assert kept_plain == 2 and kept_int8 == 0, (kept_plain, kept_int8)
+    for a, b in zip(got_grads, want_grads):
+        assert 0 < float((a - b).norm() / b.norm()) < 0.03   # rounded, not the same, and close
+
+
 @pytest.mark.parametrize("hashed", [True, False], ids=["hashed-seed", "drawn-mask"])
 def test_seeded_dropout_keeps_only_its_token_and_drops_at_rate_p(hashed, monkeypatch):
     from qlorax.engine import dropout as lora_dropout

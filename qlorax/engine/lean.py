@@ -13,7 +13,10 @@ is avoidable (``train.lean_kernels=true``, the default, patches the model in pla
   fp32 scale per row.
 - Gated MLP ``down(silu(gate) * up)``: ``silu(gate)`` was kept besides ``gate`` and ``up``
   (60 MiB); now it is recomputed in backward. With LoRA on ``down_proj``, its adapter's kept input
-  ``silu(gate) * up`` (another 60 MiB) is recomputed from them too.
+  ``silu(gate) * up`` (another 60 MiB) is recomputed from them too. With int8 compute
+  (``quant.int8_saved_mlp=int8``), ``gate`` and ``up`` themselves are kept as per-row int8: half their
+  bytes (-253 MiB at batch 4), the forward unchanged, the backward seeing them rounded to int8 as the
+  int8 matmuls see their own inputs.
 - Loss: the fp32 logits of the whole batch (and, in backward, three more tensors of that size:
   about 130 MiB at batch 1, four times that at batch 4, and 4x more again for a 128K vocabulary)
   become chunks of at most 16 MiB: the head's input gradient is computed chunk by chunk during the
@@ -37,8 +40,12 @@ PLAIN_HEAD_CLASSES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalL
 HEAD_CHUNK_ELEMENTS = 2 ** 22   # fp32 logits per chunk: 16 MiB (8 MiB: 4 chunks at 256 tokens, the head 25% slower)
 
 
-def make_lean(model, autocast: bool) -> dict[str, int]:
-    """Patch ``model`` (a peft model) for training; returns how many modules of each kind were patched."""
+def make_lean(model, autocast: bool, mlp_codec=None) -> dict[str, int]:
+    """Patch ``model`` (a peft model) for training; returns how many modules of each kind were patched.
+
+    ``mlp_codec``: (quantize, dequantize) from ``int8.row_codec`` to keep the gated MLP's gate and up as int8 rows,
+    or None.
+    """
     import torch
 
     counts = {"rmsnorm": 0, "gated_mlp": 0, "lora_dropout": 0, "fused_lora": 0, "chunked_loss": 0}
@@ -49,6 +56,7 @@ def make_lean(model, autocast: bool) -> dict[str, int]:
             counts["rmsnorm"] += 1
         elif name in GATED_MLP_CLASSES and _is_silu(getattr(module, "act_fn", None)):
             module.forward = _bind(_gated_mlp_forward, module)
+            module.qlorax_mlp_codec = mlp_codec
             counts["gated_mlp"] += 1
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
@@ -127,13 +135,17 @@ def _gated_mlp_forward(self, x):
     import torch
 
     gate, up = self.gate_proj(x), self.up_proj(x)
-    hidden = _silu_mul_class().apply(gate, up)
-    if not hidden.requires_grad or _other_saved_tensor_hooks():
+    codec = getattr(self, "qlorax_mlp_codec", None)
+    plain = not (gate.requires_grad or up.requires_grad) or _other_saved_tensor_hooks()
+    kept = _KeptGateUp(gate, up, None if plain else codec)
+    hidden = _silu_mul_class().apply(gate, up, kept)
+    del gate, up   # with int8 kept, nothing of theirs outlives the forward
+    if plain:
         return self.down_proj(hidden)
     # A LoRA adapter on down_proj keeps its input (silu(gate) * up, [tokens, intermediate]) for its A gradient;
     # gate and up are kept anyway, so backward recomputes it from them instead (-253 MiB at batch 4 on the
     # 1.1B shape, one silu and multiply per layer in backward).
-    with torch.autograd.graph.saved_tensors_hooks(*_recompute_from(hidden, gate, up)):
+    with torch.autograd.graph.saved_tensors_hooks(*_recompute_from(hidden, kept)):
         return self.down_proj(hidden)
 
 
@@ -145,30 +157,57 @@ def _other_saved_tensor_hooks() -> bool:
     return top is None or top(False) is not None
 
 
-def _recompute_from(hidden, gate, up):
-    """Saved-tensor hooks that keep ``gate`` and ``up`` in place of any saved view of ``hidden``."""
+class _KeptGateUp:
+    """The gated MLP's gate and up as backward gets them: the tensors themselves, or per-row int8 and scales.
+
+    Int8 rows (``codec``, int8 compute only) halve what the MLP keeps per token (2 x intermediate bytes instead
+    of 4); the forward is computed from the exact tensors before they are dropped.
+    """
+    __slots__ = ("gate", "up", "shape", "dtype", "codec")
+
+    def __init__(self, gate, up, codec):
+        self.shape, self.dtype, self.codec = gate.shape, gate.dtype, codec
+        if codec is None:
+            self.gate, self.up = gate, up
+        else:
+            quantize, _ = codec
+            width = gate.shape[-1]
+            self.gate = quantize(gate.detach().reshape(-1, width))
+            self.up = quantize(up.detach().reshape(-1, width))
+
+    def tensors(self):
+        """(gate, up) in the forward's dtype and shape."""
+        if self.codec is None:
+            return self.gate, self.up
+        dequantize = self.codec[1]
+        return tuple(dequantize(q, scale, self.dtype).reshape(self.shape) for q, scale in (self.gate, self.up))
+
+
+def _recompute_from(hidden, kept: _KeptGateUp):
+    """Saved-tensor hooks that keep ``kept`` (gate and up) in place of any saved view of ``hidden``."""
     import torch
 
     where = (hidden.untyped_storage().data_ptr(), hidden.storage_offset(), hidden.numel(), hidden.dtype)
 
     def pack(t):
         if (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype) == where and t.is_contiguous():
-            return _Recompute(gate, up, t.shape)
+            return _Recompute(kept, t.shape)
         return t
 
     def unpack(saved):
         if isinstance(saved, _Recompute):
-            return (torch.nn.functional.silu(saved.gate) * saved.up).reshape(saved.shape)
+            gate, up = saved.kept.tensors()
+            return (torch.nn.functional.silu(gate) * up).reshape(saved.shape)
         return saved
 
     return pack, unpack
 
 
 class _Recompute:
-    __slots__ = ("gate", "up", "shape")
+    __slots__ = ("kept", "shape")
 
-    def __init__(self, gate, up, shape):
-        self.gate, self.up, self.shape = gate, up, shape
+    def __init__(self, kept, shape):
+        self.kept, self.shape = kept, shape
 
 
 @functools.cache   # made on first use, so importing this module needs no torch
@@ -176,22 +215,24 @@ def _silu_mul_class():
     import torch
 
     class SiluMul(torch.autograd.Function):
-        """silu(gate) * up, keeping gate and up only (silu is recomputed in backward)."""
+        """silu(gate) * up, keeping gate and up only (``kept``: as they are, or int8 rows; silu is recomputed)."""
 
         @staticmethod
-        def forward(ctx, gate, up):
-            ctx.save_for_backward(gate, up)
+        def forward(ctx, gate, up, kept):
+            ctx.kept = kept if kept.codec is not None else None
+            if ctx.kept is None:
+                ctx.save_for_backward(gate, up)
             return torch.nn.functional.silu(gate) * up
 
         @staticmethod
         def backward(ctx, grad):
-            gate, up = ctx.saved_tensors
+            gate, up = ctx.saved_tensors if ctx.kept is None else ctx.kept.tensors()
             grad_gate = grad_up = None
             if ctx.needs_input_grad[1]:
                 grad_up = grad * torch.nn.functional.silu(gate)
             if ctx.needs_input_grad[0]:
                 grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-            return grad_gate, grad_up
+            return grad_gate, grad_up, None
 
     return SiluMul
 

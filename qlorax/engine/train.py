@@ -24,6 +24,7 @@ from qlorax.engine.lm import autocast, held_out_loss, loss_sum
 from qlorax.engine.metrics import open_metrics
 from qlorax.engine.model import attach_lora, load_tokenizer, resolve_model_path, trainable_parameters
 from qlorax.engine.quant import linear_weight_bytes, load_base_model, unquantized_linear_layers, use_compute
+from qlorax.engine.quant.int8 import row_codec
 from qlorax.errors import Interrupted
 from qlorax.paths import RunPaths, read_json
 from qlorax.schema import RunSpec
@@ -92,7 +93,8 @@ def train(spec: RunSpec) -> dict[str, Any]:
     model = attach_lora(model, spec)
     params = prepare_for_training(model, spec, precision)
     compute = use_compute(model, spec, _micro_batches(data.train, micro, spec.quant.int8_calibration_batches, pad_id),
-                          _micro_batches(data.eval, micro, spec.quant.int8_guard_batches, pad_id), precision)
+                          _micro_batches(data.eval, micro, spec.quant.int8_guard_batches, pad_id), precision,
+                          model_dir=model_path)
     weights = linear_weight_bytes(model)
     log.info("weights: decoder linear layers %.1f MiB (%s, %d left unquantized), other %.1f MiB; "
              "%d trainable LoRA parameters", weights["linear"] / 2**20,
@@ -281,7 +283,8 @@ def prepare_for_training(model, spec: RunSpec, precision: str) -> list:
     for p in params:
         p.data = p.data.float()   # fp32 master copy of the adapter; the base stays 4-bit / bf16
     if spec.train.lean_kernels:
-        make_lean(model, autocast=precision == "bf16")
+        codec = row_codec(spec.quant.int8_fuse) if spec.quant.keeps_mlp_int8 else None
+        make_lean(model, autocast=precision == "bf16", mlp_codec=codec)
     if spec.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return params

@@ -49,6 +49,11 @@ def scale_accumulator(acc, row_scale, col_scale, dtype):
     return (acc.float() * row_scale * col_scale).to(dtype)
 
 
+def dequantize_rows(q, row_scale, dtype):
+    """int8 rows ``q`` [M, K] times their scales [M, 1], in ``dtype``: the inverse of ``quantize_rows``."""
+    return (q.float() * row_scale).to(dtype)
+
+
 GROUP = 64           # int4 storage: weights per group multiplier
 INT4_MAX = 7
 MULT_MAX = 18        # 7 * 18 = 126: a nibble times its group's multiplier is an int8 value
@@ -111,15 +116,17 @@ def _fused():
 
         epilogue = torch.compile(scale_accumulator, dynamic=True)
         unpack = torch.compile(unpack_int4, dynamic=True)
+        dequantize = torch.compile(dequantize_rows, dynamic=True)
         probe = torch.randn(3, 24, dtype=torch.bfloat16)   # a first call compiles; fall back if it cannot
         q, s = quantize(probe, torch.ones(24))
         epilogue(torch._int_mm(q.repeat(6, 1), q.t().contiguous()), s.repeat(6, 1), torch.ones(3), torch.bfloat16)
         unpack(torch.zeros(2, GROUP, dtype=torch.uint8), torch.ones(2, 2, dtype=torch.uint8))
+        dequantize(q, s, torch.bfloat16)
     except Exception as exc:   # no C++ compiler, unsupported platform: the eager ops are correct, only slower
         log.warning("quant.int8_fuse: torch.compile of the int8 quantizers failed (%s); running them unfused",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
-    return quantize, epilogue, unpack
+    return quantize, epilogue, unpack, dequantize
 
 
 def kernels(fuse: bool):
@@ -137,8 +144,21 @@ def kernels(fuse: bool):
 def _fast_kernels():
     from qlorax.engine.quant import native
 
-    quantize, epilogue, unpack = _fused() or (quantize_rows, scale_accumulator, unpack_int4)
+    quantize, epilogue, unpack, _ = _fused() or (quantize_rows, scale_accumulator, unpack_int4, None)
     return quantize, epilogue, native.unpack_int4 if native.library() is not None else unpack
+
+
+def row_codec(fuse: bool):
+    """(quantize(x) -> (int8 rows, scales), dequantize_rows): torch.compile'd where ``fuse`` is on and they build,
+    else eager. For activations kept for backward as int8 rows (``quant.int8_saved_mlp``, ``lean``).
+    """
+    fused = _fused() if fuse else None
+    quantize, dequantize = (fused[0], fused[3]) if fused is not None else (quantize_rows, dequantize_rows)
+
+    def quantize_unscaled(x):
+        return quantize(x, _ones(x.shape[1]))
+
+    return quantize_unscaled, dequantize
 
 
 # ------------------------------------------------------------------ weights
@@ -151,6 +171,7 @@ def quantize_weight(weight, smooth=None):
     return q, scale.reshape(-1)
 
 
+@functools.cache   # read-only: a per-column scale of 1
 def _ones(n: int):
     import torch
 
@@ -308,7 +329,8 @@ def convert(model, skip_modules, dense_weight, act_absmax: dict | None, alpha: f
             storage: str = "int8") -> int:
     """Replace every base linear layer by an Int8Linear (its stored weight is freed as it goes); returns the count.
 
-    ``dense_weight(layer)`` gives a layer's float weight (the quantization backend dequantizes its own).
+    ``dense_weight(layer, name)`` gives a layer's float weight (the quantization backend dequantizes its own, or
+    the original is read from the checkpoint).
     """
     import gc
 
@@ -318,7 +340,7 @@ def convert(model, skip_modules, dense_weight, act_absmax: dict | None, alpha: f
     with quantizing_allocator():
         for parent, child_name, full in layers:
             child = getattr(parent, child_name)
-            weight = dense_weight(child)
+            weight = dense_weight(child, full)
             int8_layer = make_int8_linear(weight, child.bias, (act_absmax or {}).get(full), alpha, fuse, storage)
             setattr(parent, child_name, int8_layer)
             _drop_tensors(child)

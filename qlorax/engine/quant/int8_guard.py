@@ -43,7 +43,8 @@ def enable(model, spec: RunSpec, calibration_batches: list, held_out_batches: li
     """Convert the base to int8 compute, measuring the held-out loss gap first; returns the guard's report.
 
     Raises QloraxError (naming the overrides) when the gap exceeds ``quant.int8_max_loss_gap``.
-    ``dense_weight(layer)`` is the float weight of a stored base layer (4-bit ones dequantized).
+    ``dense_weight(layer, name)`` is the float weight of a stored base layer (4-bit ones dequantized, or read from
+    the checkpoint).
     """
     import torch
 

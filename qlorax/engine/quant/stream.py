@@ -37,22 +37,52 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 def read_tensors(files: list[Path]) -> Iterator[tuple[str, "torch.Tensor"]]:
     """(name, tensor) for every tensor of the safetensors files, read with plain file reads."""
-    import torch
-
     for file in files:
         with file.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-            base = 8 + header_len
-            for name, meta in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                     key=lambda kv: kv[1]["data_offsets"][0]):
-                start, end = meta["data_offsets"]
-                buffer = bytearray(end - start)
-                f.seek(base + start)
-                f.readinto(buffer)
-                dtype = getattr(torch, DTYPES[meta["dtype"]])
-                tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-                yield name, tensor.reshape(meta["shape"])
+            base, header = _header(f)
+            for name, meta in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                yield name, _read(f, base, meta)
+
+
+def tensor_reader(path: str) -> Callable[[str], "torch.Tensor | None"] | None:
+    """``read(name)``: one tensor of a local safetensors checkpoint by name (plain reads), None where it has no such
+    tensor; None instead of a reader where ``path`` is not a local safetensors checkpoint."""
+    local = Path(path)
+    files = checkpoint_files(local) if local.is_dir() else []
+    if not files:
+        return None
+    where = {}
+    for file in files:
+        with file.open("rb") as f:
+            base, header = _header(f)
+        where.update({name: (file, base, meta) for name, meta in header.items()})
+
+    def read(name: str):
+        if name not in where:
+            return None
+        file, base, meta = where[name]
+        with file.open("rb") as f:
+            return _read(f, base, meta)
+
+    return read
+
+
+def _header(f) -> tuple[int, dict]:
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(header_len))
+    return 8 + header_len, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def _read(f, base: int, meta: dict) -> "torch.Tensor":
+    import torch
+
+    start, end = meta["data_offsets"]
+    buffer = bytearray(end - start)
+    f.seek(base + start)
+    f.readinto(buffer)
+    dtype = getattr(torch, DTYPES[meta["dtype"]])
+    tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+    return tensor.reshape(meta["shape"])
 
 
 def can_stream(path: str) -> bool:
