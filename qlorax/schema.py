@@ -90,6 +90,9 @@ class QuantConfig(_Freezable):
                               "int8, half the bytes: -253 MiB at batch 4 on the 1.1B shape; the forward is unchanged, "
                               "backward sees them rounded as the int8 matmuls see their inputs) or bf16",
                               choices=("int8", "bf16"))
+    int8_matmul: str = opt("auto", help="int8 compute: the int8 matmul kernel: auto (qlorax's AMX tile kernels on CPUs with "
+                           "AMX-INT8, 1.4-2x the bf16 matmul where torch._int_mm reaches 1.1-1.3x; torch._int_mm "
+                           "elsewhere) or torch (torch._int_mm everywhere)", choices=("auto", "torch"))
     int8_fuse: bool = opt(True, help="int8 compute: fuse the row-wise quantizers and the matmul epilogue with "
                           "torch.compile and unpack int4 weights with a native loop (needs a C++ compiler; falls "
                           "back to unfused torch ops)")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from qlorax.engine.quant import bnb_cpu, int8, native
+from qlorax.engine.quant import amx, bnb_cpu, int8, native
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in native.COMPILERS), reason="no C compiler")
 
@@ -26,6 +26,7 @@ def fresh_build(tmp_path, monkeypatch):
 def _forget_kernels() -> None:
     """Every cache holding a decision made from ``native.library()``."""
     native.library.cache_clear()
+    amx.library.cache_clear()
     int8._fast_kernels.cache_clear()
     bnb_cpu._native_dequant.cache_clear()
 
@@ -98,3 +99,12 @@ def test_a_kernel_cache_others_can_write_to_is_refused(fresh_build, caplog):
         assert native.library() is None
     assert "not private to this user" in caplog.text and "QLORAX_KERNEL_CACHE" in caplog.text
     assert list(fresh_build.iterdir()) == []   # nothing built or loaded there
+
+
+@needs_compiler
+def test_kernels_share_torchs_openmp_runtime():
+    """The kernels bind to the OpenMP runtime torch loaded (libgomp.so.1), not a second copy whose threads would
+    compete with torch's (other libraries may bring privately named copies, as sentencepiece does)."""
+    assert native.library() is not None
+    runtimes = {line.split()[-1] for line in open("/proc/self/maps") if line.rstrip().endswith("/libgomp.so.1")}
+    assert len(runtimes) == 1, runtimes

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from qlorax.engine.lm import autocast, loss_sum
-from qlorax.engine.quant import int8
+from qlorax.engine.quant import amx, int8
 from qlorax.errors import QloraxError
 from qlorax.schema import RunSpec
 
@@ -63,17 +63,21 @@ def enable(model, spec: RunSpec, calibration_batches: list, held_out_batches: li
         model.eval()
         absmax = int8.calibrate(model, skip, run_calibration)
         model.train(was_training)
-    layers = int8.convert(model, skip, dense_weight, absmax, q.int8_smoothing, q.int8_fuse, q.int8_weight)
+    layers = int8.convert(model, skip, dense_weight, absmax, q.int8_smoothing, q.int8_fuse, q.int8_weight,
+                          q.int8_matmul)
     int8_loss = mean_loss(model, held_out_batches, precision)
     gap = (int8_loss - bf16_loss) / max(abs(bf16_loss), 1e-12)
     report = {"compute": "int8", "weight": q.int8_weight, "layers": layers, "smoothing": q.int8_smoothing,
               "calibration_batches": len(calibration_batches) if absmax is not None else 0,
               "guard_batches": len(held_out_batches), "guard_data": measured_on, "bf16_loss": bf16_loss,
               "int8_loss": int8_loss, "loss_gap": gap, "max_loss_gap": q.int8_max_loss_gap,
-              "fused": q.int8_fuse and int8.kernels(True)[0] is not int8.quantize_rows}
-    log.info("quant.compute=int8: %d base linear layers in int8 (%s weights, smoothing %g, %s); %s loss bf16 %.4f -> "
-             "int8 %.4f: gap %+.2f%% (bound %.2f%%)", layers, q.int8_weight, q.int8_smoothing, "fused" if report["fused"] else "unfused",
-             measured_on, bf16_loss, int8_loss, 100 * gap, 100 * q.int8_max_loss_gap)
+              "fused": q.int8_fuse and int8.kernels(True)[0] is not int8.quantize_rows,
+              "matmul": "amx" if q.int8_fuse and q.int8_matmul == "auto" and amx.library() is not None
+              else "torch._int_mm"}
+    log.info("quant.compute=int8: %d base linear layers in int8 (%s weights, smoothing %g, %s, %s); %s loss bf16 %.4f "
+             "-> int8 %.4f: gap %+.2f%% (bound %.2f%%)", layers, q.int8_weight, q.int8_smoothing,
+             "fused" if report["fused"] else "unfused", report["matmul"], measured_on, bf16_loss, int8_loss, 100 * gap,
+             100 * q.int8_max_loss_gap)
     if gap > q.int8_max_loss_gap:
         hint = "" if q.int8_smoothing > 0 else " or smooth the outlier channels with quant.int8_smoothing=0.5"
         raise QloraxError(f"quant.compute=int8: the int8 base raises the {measured_on} loss by {100 * gap:.2f}% "

@@ -42,6 +42,7 @@ extern "C" {
 void qlorax_unpack_int4(const uint8_t* packed, const uint8_t* mult, int8_t* out, int64_t r0, int64_t r1,
                         int64_t K) {
     const int64_t groups = K / 64;
+    #pragma omp parallel for schedule(static) if (r1 - r0 >= 256)
     for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* p = packed + r * (K / 2);
         const uint8_t* m = mult + r * groups;
@@ -73,6 +74,7 @@ int qlorax_dequant4_vectorized(void) {
    nearest even, as bitsandbytes computes it. The block's 16 values go in one register; vpermw looks them up. */
 void qlorax_dequant4_bf16(const uint8_t* packed, const float* absmax, const float* code, uint16_t* out,
                           int64_t e0, int64_t e1, int64_t blocksize) {
+    #pragma omp parallel for schedule(static) if (e1 - e0 >= (1 << 19))
     for (int64_t b = e0 / blocksize; b < e1 / blocksize; ++b) {
 #ifdef __AVX512BW__
         __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax[b])));
@@ -109,7 +111,10 @@ void qlorax_dequant4_bf16(const uint8_t* packed, const float* absmax, const floa
 #endif
 """
 COMPILERS = ("g++", "c++", "gcc", "cc")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+# -fopenmp: the loops split over torch's own OpenMP threads (the library is loaded after torch, so it binds to the
+# libgomp torch loaded). A pool of threads of our own ran 1.3-1.4x slower inside a training step: torch's
+# workers spin for a while after each of its ops and took the cores our threads needed.
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 
 
 # ---------------------------------------------------------------- building and loading
@@ -121,6 +126,8 @@ def library():
     if os.environ.get("QLORAX_NATIVE_KERNELS") == "0":
         return None
     try:
+        import torch  # noqa: F401  (loaded first: the kernels then share its OpenMP runtime and threads)
+
         path = _built()
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:   # SubprocessError: a compiler that hangs
@@ -137,23 +144,24 @@ def library():
     return lib
 
 
-def _built() -> Path:
-    """The shared library for this machine: from the cache, or compiled into it (atomically: ranks may race)."""
+def _built(source: str = SOURCE, stem: str = "qlorax_kernels", extra_flags: tuple[str, ...] = ()) -> Path:
+    """The shared library of ``source`` for this machine: from the cache, or compiled into it (atomically: ranks
+    may race)."""
     compiler = _compiler()
     said = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     version = said.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE, compiler, *version, *FLAGS, platform.machine(), _cpu_flags()])
+    key = hashlib.sha256("\n".join([source, compiler, *version, *FLAGS, *extra_flags, platform.machine(), _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    target = cache_dir() / f"qlorax_kernels_{key}.so"
+    target = cache_dir() / f"{stem}_{key}.so"
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(target.parent)
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        source = Path(work, "kernels.c")
-        source.write_text(SOURCE)
+        source_file = Path(work, "kernels.c")
+        source_file.write_text(source)
         built = Path(work, target.name)
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True,
+        done = subprocess.run([compiler, *FLAGS, *extra_flags, str(source_file), "-o", str(built)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             said = (done.stderr or done.stdout).strip().splitlines()
@@ -249,9 +257,6 @@ def scratch(shape, dtype):
 
 
 # ---------------------------------------------------------------- kernels
-MIN_UNPACK_ROWS = 512   # 512 x 2048 weights and up split over threads; smaller ones cost more to hand off
-
-
 def unpack_int4(packed, group_mult):
     """The native ``int8.unpack_int4`` (where ``library()`` built): an int4-stored weight's int8 form, in scratch."""
     import ctypes
@@ -262,10 +267,6 @@ def unpack_int4(packed, group_mult):
     rows, cols = packed.shape[0], packed.shape[1] * 2
     packed, group_mult = packed.contiguous(), group_mult.contiguous()
     out = scratch((rows, cols), torch.int8)
-    p, m, o = packed.data_ptr(), group_mult.data_ptr(), out.data_ptr()
-
-    def run(lo, hi):
-        lib.qlorax_unpack_int4(ctypes.c_void_p(p), ctypes.c_void_p(m), ctypes.c_void_p(o), lo, hi, cols)
-
-    run_row_slices(run, rows, torch.get_num_threads(), MIN_UNPACK_ROWS)
+    lib.qlorax_unpack_int4(ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(group_mult.data_ptr()),
+                           ctypes.c_void_p(out.data_ptr()), 0, rows, cols)   # rows split over torch's threads
     return out

@@ -1,0 +1,338 @@
+"""int8 matmuls of ``quant.compute=int8`` on AMX (Sapphire Rapids and later Xeons): a native tile kernel.
+
+On a Xeon with AMX, ``torch._int_mm`` runs only 1.1-1.3x the bf16 matmul (2 cores of this project's AMX machine,
+256 x 2048 -> 5632: 2.5 against 3.1 ms), far from AMX-INT8's 2x: oneDNN reorders the int8 weight into its tile
+layout on every call (a prepacked weight runs the same product in 1.3 ms, but that layout is opaque, and
+``qlinear_prepack`` takes 22 ms, so no per-use weight such as the int4-stored one can get there). The kernel here
+takes the weight as it lies:
+
+- forward ``y = x @ W.T``: W's rows are the tile product's A operand as stored (16 rows x 64 bytes per tile load,
+  no reorder); x is quantized straight into the B operand's layout (4 consecutive columns of 16 rows per 64-byte
+  row); the product is y's transpose, turned back in the epilogue, which applies both scales and writes bf16.
+- input gradient ``dx = dy @ W``: dy is quantized as plain rows (the A operand); W's columns are turned into the B
+  operand (4 rows interleaved byte by byte) one L2-sized strip of 128 columns at a time, and each strip serves
+  every row block of dy.
+
+Both split their output columns over the threads (a ctypes call releases the GIL). The quantizer is
+``int8.quantize_rows`` in C: the same rounding (nearest even) and the same fp32 operations, so the int8 rows
+agree except where the reference's fused ops round a half differently (about 1 in 10^6 elements, by one).
+
+Used where the CPU reports AMX-INT8, the kernels build, the activations are bf16 and both dimensions are
+multiples of 64 (``usable``); elsewhere ``torch._int_mm`` runs. ``quant.int8_matmul=torch`` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger("qlorax")
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <stdlib.h>
+#include <omp.h>
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Linux keeps AMX's tile data off until a process asks (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
+int qlorax_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
+
+#define KC 128   /* backward: columns per strip */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+
+static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (int32 16x16), A 4-5, B 6-7 */
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) { c.colsb[t] = 64; c.rows[t] = 16; }
+    _tile_loadconfig(&c);
+}
+
+/* Rows [r0, r1) of x [M, K] (bf16) times col_scale [K] as int8 with one fp32 scale per row (max|row| -> 127,
+   rounded to nearest even), written "vnni" (rows in blocks of 16: [M/16][K/4][16][4], the B operand of a tile
+   product) or "plain" ([M, K], the A operand). */
+void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out, float* row_scale,
+                          int64_t M, int64_t K, int vnni) {
+    #pragma omp parallel for schedule(static) if (M >= 64)
+    for (int64_t r = 0; r < M; ++r) {
+        const uint16_t* xr = x + r * K;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + k))), 16));
+            v = _mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k));
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        }
+        float m = _mm512_reduce_max_ps(amax);
+        if (m < 1e-12f) m = 1e-12f;
+        row_scale[r] = m / 127.0f;
+        const __m512 mul = _mm512_set1_ps(127.0f / m);
+        for (int64_t k = 0; k < K; k += 16) {
+            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + k))), 16));
+            v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k)), mul);
+            __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));   /* round to nearest even, saturate */
+            if (vnni) {
+                int8_t* base = out + (r / 16) * (K * 16) + (r % 16) * 4;   /* [r/16][k/4][r%16][k%4] */
+                uint32_t w[4];
+                _mm_storeu_si128((__m128i*)w, q);
+                for (int g = 0; g < 4; ++g) memcpy(base + ((k / 4) + g) * 64, &w[g], 4);
+            } else {
+                _mm_storeu_si128((__m128i*)(out + r * K + k), q);
+            }
+        }
+    }
+}
+
+static inline void store_bf16(uint16_t* dst, __m512 v) {
+    _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* Forward y [M, N] (bf16) = (xq @ W.T) * row_scale[m] * col_scale[n], output columns [n0, n1) (multiples of 16).
+   W [N, K] int8 row-major is the A operand as it lies; xq comes "vnni" with Mp (M rounded up to 16) rows. The
+   tile product is y's transpose, turned in the epilogue. K a multiple of 64. */
+static void forward_columns(const int8_t* W, const int8_t* xq, const float* row_scale, const float* col_scale,
+                            uint16_t* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    configure();
+    const int64_t Mp = (M + 15) / 16 * 16;
+    int32_t c[4][256] __attribute__((aligned(64)));
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15,14,13,12,11,10,9,8,7,6,5,4,3,2,1,0), _mm512_set1_epi32(16));
+    int64_t chunk = (512 * 1024 / K) / 32 * 32;   /* rows of xq per L2-sized chunk */
+    if (chunk < 32) chunk = 32;
+    for (int64_t mc = 0; mc < Mp; mc += chunk)
+    for (int64_t n = n0; n < n1; n += 32) {
+        const int two_n = n + 32 <= n1;
+        const int8_t* a0 = W + n * K;
+        const int8_t* a1 = a0 + 16 * K;
+        const int64_t m_end = mc + chunk < Mp ? mc + chunk : Mp;
+        for (int64_t m = mc; m < m_end; m += 32) {
+            const int two_m = m + 32 <= m_end;
+            const int8_t* b0 = xq + m * K;        /* block m/16 starts at (m/16) * 16K bytes */
+            const int8_t* b1 = b0 + 16 * K;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t k = 0; k < K; k += 64) {
+                _tile_loadd(4, a0 + k, K);
+                _tile_loadd(6, b0 + k * 16, 64);
+                _tile_dpbssd(0, 4, 6);
+                if (two_m) { _tile_loadd(7, b1 + k * 16, 64); _tile_dpbssd(1, 4, 7); }
+                if (two_n) {
+                    _tile_loadd(5, a1 + k, K);
+                    _tile_dpbssd(2, 5, 6);
+                    if (two_m) _tile_dpbssd(3, 5, 7);
+                }
+            }
+            _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+            for (int t = 0; t < 4; ++t) {
+                const int tn = t >> 1, tm = t & 1;
+                if ((tn && !two_n) || (tm && !two_m)) continue;
+                const int64_t nb = n + 16 * tn, mb = m + 16 * tm;
+                const __m512 cs = _mm512_loadu_ps(col_scale + nb);
+                for (int j = 0; j < 16 && mb + j < M; ++j) {   /* c[t][r * 16 + j] = y[mb + j][nb + r] */
+                    __m512i acc = _mm512_i32gather_epi32(_mm512_add_epi32(column, _mm512_set1_epi32(j)), c[t], 4);
+                    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(row_scale[mb + j])), cs);
+                    store_bf16(y + (mb + j) * N + nb, v);
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
+/* Input gradient dx [M, K] (bf16) = (gq @ W) * row_scale[m] * col_scale[k], output columns [k0, k1) (multiples
+   of 16). gq [Mp, N] int8 "plain" is the A operand; W's column strip is turned into the B operand (4 rows
+   interleaved byte by byte) once per 32 columns, in strip (N * 32 bytes), and serves every row block. N a
+   multiple of 64. */
+static void backward_columns(const int8_t* W, const int8_t* gq, const float* row_scale, const float* col_scale,
+                             uint16_t* dx, int8_t* strip, int64_t M, int64_t N, int64_t K, int64_t k0, int64_t k1) {
+    configure();
+    const int64_t Mp = (M + 15) / 16 * 16;
+    int32_t c[4][256] __attribute__((aligned(64)));
+    for (int64_t kc = k0; kc < k1; kc += KC) {
+        const int64_t width = kc + KC <= k1 ? KC : k1 - kc;   /* a multiple of 16 */
+        /* strip [N/4][width][4]: strip[g][j][i] = W[4g + i][kc + j] */
+        for (int64_t g = 0; g < N / 4; ++g) {
+            for (int64_t h = 0; h < width; h += 16) {
+                const __m128i r0 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 0) * K + kc + h));
+                const __m128i r1 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 1) * K + kc + h));
+                const __m128i r2 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 2) * K + kc + h));
+                const __m128i r3 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 3) * K + kc + h));
+                const __m128i p01l = _mm_unpacklo_epi8(r0, r1), p01h = _mm_unpackhi_epi8(r0, r1);
+                const __m128i p23l = _mm_unpacklo_epi8(r2, r3), p23h = _mm_unpackhi_epi8(r2, r3);
+                int8_t* o = strip + g * width * 4 + h * 4;
+                _mm_storeu_si128((__m128i*)(o + 0), _mm_unpacklo_epi16(p01l, p23l));
+                _mm_storeu_si128((__m128i*)(o + 16), _mm_unpackhi_epi16(p01l, p23l));
+                _mm_storeu_si128((__m128i*)(o + 32), _mm_unpacklo_epi16(p01h, p23h));
+                _mm_storeu_si128((__m128i*)(o + 48), _mm_unpackhi_epi16(p01h, p23h));
+            }
+        }
+        const int64_t stride = width * 4;
+        for (int64_t m = 0; m < Mp; m += 32) {
+            const int two_m = m + 32 <= Mp;
+            const int8_t* a0 = gq + m * N;
+            const int8_t* a1 = a0 + 16 * N;
+            for (int64_t k = 0; k < width; k += 32) {
+                const int two_k = k + 32 <= width;
+                const int8_t* b = strip + k * 4;
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t n = 0; n < N; n += 64) {
+                    _tile_loadd(4, a0 + n, N);
+                    _tile_loadd(6, b + (n / 4) * stride, stride);
+                    _tile_dpbssd(0, 4, 6);
+                    if (two_k) { _tile_loadd(7, b + (n / 4) * stride + 64, stride); _tile_dpbssd(1, 4, 7); }
+                    if (two_m) {
+                        _tile_loadd(5, a1 + n, N);
+                        _tile_dpbssd(2, 5, 6);
+                        if (two_k) _tile_dpbssd(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+                for (int t = 0; t < 4; ++t) {
+                    const int tm = t >> 1, tk = t & 1;
+                    if ((tm && !two_m) || (tk && !two_k)) continue;
+                    const int64_t mb = m + 16 * tm, kb = kc + k + 16 * tk;
+                    const __m512 cs = _mm512_loadu_ps(col_scale + kb);
+                    for (int i = 0; i < 16 && mb + i < M; ++i) {
+                        __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c[t] + i * 16));
+                        v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(row_scale[mb + i])), cs);
+                        store_bf16(dx + (mb + i) * K + kb, v);
+                    }
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+/* The threads' share of [0, units): contiguous, as even as can be. */
+static void share(int64_t units, int64_t* lo, int64_t* hi) {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    *lo = units * t / threads;
+    *hi = units * (t + 1) / threads;
+}
+
+/* y [M, N] = forward_columns over all of N, split in 32-column blocks over torch's OpenMP threads (the same
+   runtime and threads as torch's own ops: a second pool would compete with their spinning workers). */
+void qlorax_amx_forward(const int8_t* W, const int8_t* xq, const float* row_scale, const float* col_scale,
+                        uint16_t* y, int64_t M, int64_t N, int64_t K) {
+    #pragma omp parallel
+    {
+        int64_t lo, hi;
+        share((N + 31) / 32, &lo, &hi);
+        if (lo < hi) forward_columns(W, xq, row_scale, col_scale, y, M, N, K, lo * 32, hi * 32 < N ? hi * 32 : N);
+    }
+}
+
+/* dx [M, K] = backward_columns over all of K, split likewise; each thread turns its strips in its own buffer. */
+int qlorax_amx_backward(const int8_t* W, const int8_t* gq, const float* row_scale, const float* col_scale,
+                        uint16_t* dx, int64_t M, int64_t N, int64_t K) {
+    int failed = 0;
+    #pragma omp parallel reduction(|: failed)
+    {
+        static __thread int8_t* strip = NULL;
+        static __thread int64_t capacity = 0;
+        int64_t lo, hi;
+        share((K + 31) / 32, &lo, &hi);
+        if (capacity < N * KC) {
+            free(strip);
+            strip = (int8_t*)aligned_alloc(64, N * KC);
+            capacity = strip ? N * KC : 0;
+        }
+        if (lo < hi && !strip) failed = 1;
+        else if (lo < hi) backward_columns(W, gq, row_scale, col_scale, dx, strip, M, N, K, lo * 32, hi * 32 < K ? hi * 32 : K);
+    }
+    return failed;   /* 1: a strip buffer could not be allocated */
+}
+#ifdef __cplusplus
+}
+#endif
+"""
+KC = 128            # backward: W columns per strip (the C source's KC)
+
+
+@functools.cache
+def library():
+    """The AMX kernels (a ctypes library), or None where the CPU has no AMX-INT8 or they do not build."""
+    import ctypes
+
+    from qlorax.engine.quant import native
+
+    flags = native._cpu_flags().split()
+    if not {"amx_int8", "amx_tile", "avx512_bf16", "avx512bw"} <= set(flags) or native.library() is None:
+        return None
+    try:
+        import torch  # noqa: F401  (loaded first: the kernels then share its OpenMP runtime and threads)
+
+        lib = ctypes.CDLL(str(native._built(SOURCE, "qlorax_amx", ("-fopenmp",))))
+    except (OSError, RuntimeError) as exc:
+        log.warning("AMX int8 kernels unavailable (%s); int8 matmuls run through torch._int_mm",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    if lib.qlorax_amx_init() != 0:   # the kernel refused this process AMX tile data
+        log.warning("AMX int8 kernels unavailable (arch_prctl refused tile data); int8 matmuls run through "
+                    "torch._int_mm")
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.qlorax_quantize_rows.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
+    lib.qlorax_quantize_rows.restype = None
+    lib.qlorax_amx_forward.argtypes = [pointer] * 5 + [size] * 3
+    lib.qlorax_amx_forward.restype = None
+    lib.qlorax_amx_backward.argtypes = [pointer] * 5 + [size] * 3
+    lib.qlorax_amx_backward.restype = ctypes.c_int
+    return lib
+
+
+def usable(in_features: int, out_features: int, x) -> bool:
+    """The AMX kernels can run this layer's two matmuls for activations ``x``."""
+    import torch
+
+    return (x.dtype == torch.bfloat16 and in_features % 64 == 0 and out_features % 64 == 0
+            and library() is not None)
+
+
+def _ptr(t):
+    import ctypes
+
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def quantize_rows(x, col_scale, vnni: bool):
+    """``int8.quantize_rows`` of bf16 ``x`` [M, K] in the kernels' layouts: (int8 rows padded to a multiple of 16,
+    flat; fp32 scales [M, 1]). ``vnni``: the forward's B layout ([M/16][K/4][16][4]), else plain [M, K]."""
+    import torch
+
+    rows, cols = x.shape
+    padded = -(-rows // 16) * 16
+    out = torch.empty(padded * cols, dtype=torch.int8)
+    if padded != rows:   # padding rows are zero: in vnni layout they interleave with the last block's rows
+        out[(padded - 16) * cols:].zero_()
+    scale = torch.empty(rows, 1, dtype=torch.float32)
+    x, col_scale = x.contiguous(), col_scale.contiguous()
+    library().qlorax_quantize_rows(_ptr(x), _ptr(col_scale), _ptr(out), _ptr(scale), rows, cols, int(vnni))
+    return out, scale
+
+
+def forward(x, weight, inv_smooth, weight_scale):
+    """bf16 ``(x * inv_smooth) @ (weight * weight_scale).T`` through int8 (weight int8 [N, K], x bf16 [M, K])."""
+    import torch
+
+    rows, cols = x.shape
+    q, row_scale = quantize_rows(x, inv_smooth, vnni=True)
+    y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
+    library().qlorax_amx_forward(_ptr(weight), _ptr(q), _ptr(row_scale), _ptr(weight_scale), _ptr(y), rows,
+                                 weight.shape[0], cols)
+    return y
+
+
+def backward(grad, weight, weight_scale, inv_smooth):
+    """bf16 ``((grad * weight_scale) @ weight) * inv_smooth`` through int8: the input gradient of ``forward``."""
+    import torch
+
+    rows, outs = grad.shape
+    q, row_scale = quantize_rows(grad, weight_scale, vnni=False)
+    dx = torch.empty(rows, weight.shape[1], dtype=torch.bfloat16)
+    if library().qlorax_amx_backward(_ptr(weight), _ptr(q), _ptr(row_scale), _ptr(inv_smooth), _ptr(dx), rows, outs,
+                                     weight.shape[1]):
+        raise MemoryError(f"AMX int8 backward: no memory for a {outs} x {KC} strip buffer")
+    return dx
