@@ -83,3 +83,15 @@ def test_layers_the_tiles_cannot_take_fall_back_to_int_mm(monkeypatch):
     assert layer(x).shape == (20, 64)
     assert not amx.usable(96, 64, x) and amx.usable(128, 64, x) and not amx.usable(128, 64, x.float())
 
+
+
+@pytest.mark.parametrize("rows,outs,cols", SHAPES)
+def test_int4_stored_weights_unpack_inside_the_input_gradient_kernel_exactly(rows, outs, cols):
+    """An int4-stored weight (unpacked 16 values at a time inside the input-gradient kernel) gives the products of
+    its int8 form."""
+    torch.manual_seed(cols)
+    packed, mult, unit = int8.pack_int4(torch.randn(outs, cols))
+    weight = int8.unpack_int4(packed, mult)
+    inv_smooth = torch.rand(cols) + 0.5
+    grad = torch.randn(rows, outs, dtype=torch.bfloat16)
+    assert torch.equal(amx.backward(grad, packed, unit, inv_smooth, mult), amx.backward(grad, weight, unit, inv_smooth))

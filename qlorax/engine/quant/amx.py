@@ -87,6 +87,24 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
     }
 }
 
+/* The input gradient's weight as it reads it: int8 [N, K] as stored, or int4-stored (packed [N, K/2] two per byte,
+   low nibble first, offset 8; times a multiplier per 64: mult [N, K/64]) and unpacked 16 values at a time into
+   the strips, never as a whole int8 weight in memory. (The forward takes int4 weights unpacked whole, by
+   ``native``: unpacking its row panels inside the kernel, once per L2-sized chunk of x's rows, measured slower.) */
+typedef struct { const int8_t* w; const uint8_t* packed; const uint8_t* mult; int64_t K; } weight_t;
+
+/* Row r's 16 int8 weights at columns [k, k + 16) (k a multiple of 16). */
+static inline __m128i load16(const weight_t* W, int64_t r, int64_t k) {
+    if (!W->packed) return _mm_loadu_si128((const __m128i*)(W->w + r * W->K + k));
+    const __m128i b = _mm_loadl_epi64((const __m128i*)(W->packed + r * (W->K / 2) + k / 2));
+    const __m128i low4 = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    const __m128i nibbles = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8));
+    const __m128i m = _mm_set1_epi16((int16_t)W->mult[r * (W->K / 64) + k / 64]);
+    return _mm_packs_epi16(_mm_mullo_epi16(_mm_cvtepi8_epi16(nibbles), m),
+                           _mm_mullo_epi16(_mm_cvtepi8_epi16(_mm_srli_si128(nibbles, 8)), m));
+}
+
 static inline void store_bf16(uint16_t* dst, __m512 v) {
     _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -145,7 +163,7 @@ static void forward_columns(const int8_t* W, const int8_t* xq, const float* row_
    of 16). gq [Mp, N] int8 "plain" is the A operand; W's column strip is turned into the B operand (4 rows
    interleaved byte by byte) once per 32 columns, in strip (N * 32 bytes), and serves every row block. N a
    multiple of 64. */
-static void backward_columns(const int8_t* W, const int8_t* gq, const float* row_scale, const float* col_scale,
+static void backward_columns(const weight_t* W, const int8_t* gq, const float* row_scale, const float* col_scale,
                              uint16_t* dx, int8_t* strip, int64_t M, int64_t N, int64_t K, int64_t k0, int64_t k1) {
     configure();
     const int64_t Mp = (M + 15) / 16 * 16;
@@ -155,10 +173,8 @@ static void backward_columns(const int8_t* W, const int8_t* gq, const float* row
         /* strip [N/4][width][4]: strip[g][j][i] = W[4g + i][kc + j] */
         for (int64_t g = 0; g < N / 4; ++g) {
             for (int64_t h = 0; h < width; h += 16) {
-                const __m128i r0 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 0) * K + kc + h));
-                const __m128i r1 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 1) * K + kc + h));
-                const __m128i r2 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 2) * K + kc + h));
-                const __m128i r3 = _mm_loadu_si128((const __m128i*)(W + (4 * g + 3) * K + kc + h));
+                const __m128i r0 = load16(W, 4 * g + 0, kc + h), r1 = load16(W, 4 * g + 1, kc + h);
+                const __m128i r2 = load16(W, 4 * g + 2, kc + h), r3 = load16(W, 4 * g + 3, kc + h);
                 const __m128i p01l = _mm_unpacklo_epi8(r0, r1), p01h = _mm_unpackhi_epi8(r0, r1);
                 const __m128i p23l = _mm_unpacklo_epi8(r2, r3), p23h = _mm_unpackhi_epi8(r2, r3);
                 int8_t* o = strip + g * width * 4 + h * 4;
@@ -225,8 +241,9 @@ void qlorax_amx_forward(const int8_t* W, const int8_t* xq, const float* row_scal
 }
 
 /* dx [M, K] = backward_columns over all of K, split likewise; each thread turns its strips in its own buffer. */
-int qlorax_amx_backward(const int8_t* W, const int8_t* gq, const float* row_scale, const float* col_scale,
-                        uint16_t* dx, int64_t M, int64_t N, int64_t K) {
+int qlorax_amx_backward(const int8_t* w, const uint8_t* packed, const uint8_t* mult, const int8_t* gq,
+                        const float* row_scale, const float* col_scale, uint16_t* dx, int64_t M, int64_t N, int64_t K) {
+    const weight_t W = {w, packed, mult, K};
     int failed = 0;
     #pragma omp parallel reduction(|: failed)
     {
@@ -240,7 +257,7 @@ int qlorax_amx_backward(const int8_t* W, const int8_t* gq, const float* row_scal
             capacity = strip ? N * KC : 0;
         }
         if (lo < hi && !strip) failed = 1;
-        else if (lo < hi) backward_columns(W, gq, row_scale, col_scale, dx, strip, M, N, K, lo * 32, hi * 32 < K ? hi * 32 : K);
+        else if (lo < hi) backward_columns(&W, gq, row_scale, col_scale, dx, strip, M, N, K, lo * 32, hi * 32 < K ? hi * 32 : K);
     }
     return failed;   /* 1: a strip buffer could not be allocated */
 }
@@ -278,7 +295,7 @@ def library():
     lib.qlorax_quantize_rows.restype = None
     lib.qlorax_amx_forward.argtypes = [pointer] * 5 + [size] * 3
     lib.qlorax_amx_forward.restype = None
-    lib.qlorax_amx_backward.argtypes = [pointer] * 5 + [size] * 3
+    lib.qlorax_amx_backward.argtypes = [pointer] * 7 + [size] * 3
     lib.qlorax_amx_backward.restype = ctypes.c_int
     return lib
 
@@ -313,6 +330,15 @@ def quantize_rows(x, col_scale, vnni: bool):
     return out, scale
 
 
+def _weight(weight, group_mult):
+    """(int8 weight, int4 packed, multipliers) pointers: int8 [N, K] as is, or int4-stored when ``group_mult``."""
+    import ctypes
+
+    if group_mult is None:
+        return _ptr(weight), None, None
+    return ctypes.c_void_p(None), _ptr(weight), _ptr(group_mult)
+
+
 def forward(x, weight, inv_smooth, weight_scale):
     """bf16 ``(x * inv_smooth) @ (weight * weight_scale).T`` through int8 (weight int8 [N, K], x bf16 [M, K])."""
     import torch
@@ -325,14 +351,17 @@ def forward(x, weight, inv_smooth, weight_scale):
     return y
 
 
-def backward(grad, weight, weight_scale, inv_smooth):
-    """bf16 ``((grad * weight_scale) @ weight) * inv_smooth`` through int8: the input gradient of ``forward``."""
+def backward(grad, weight, weight_scale, inv_smooth, group_mult=None):
+    """bf16 ``((grad * weight_scale) @ W) * inv_smooth`` through int8: the input gradient of ``forward``. W is
+    ``weight`` (int8 [N, K]) or, with ``group_mult``, int4-stored (``int8.pack_int4``: packed [N, K/2]), unpacked
+    inside the kernel."""
     import torch
 
     rows, outs = grad.shape
+    cols = weight.shape[1] * (2 if group_mult is not None else 1)
     q, row_scale = quantize_rows(grad, weight_scale, vnni=False)
-    dx = torch.empty(rows, weight.shape[1], dtype=torch.bfloat16)
-    if library().qlorax_amx_backward(_ptr(weight), _ptr(q), _ptr(row_scale), _ptr(inv_smooth), _ptr(dx), rows, outs,
-                                     weight.shape[1]):
+    dx = torch.empty(rows, cols, dtype=torch.bfloat16)
+    if library().qlorax_amx_backward(*_weight(weight, group_mult), _ptr(q), _ptr(row_scale), _ptr(inv_smooth), _ptr(dx),
+                                     rows, outs, cols):
         raise MemoryError(f"AMX int8 backward: no memory for a {outs} x {KC} strip buffer")
     return dx

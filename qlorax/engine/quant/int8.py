@@ -202,7 +202,9 @@ def _int8_matmul():
         def backward(ctx, grad):
             layer = ctx.layer
             if ctx.amx and grad.dtype == torch.bfloat16:
-                return amx.backward(grad.contiguous(), layer.int8_weight(), layer.weight_scale, layer.inv_smooth), None, None
+                grad_x = amx.backward(grad.contiguous(), layer.weight, layer.weight_scale, layer.inv_smooth,
+                                      layer.group_mult)   # an int4-stored weight unpacks inside, strip by strip
+                return grad_x, None, None
             quantize, epilogue, _ = kernels(layer.fuse)
             q, row_scale = quantize(grad.contiguous(), layer.weight_scale)
             grad_x = epilogue(torch._int_mm(q, layer.int8_weight()), row_scale, layer.inv_smooth, ctx.grad_dtype)
