@@ -269,3 +269,20 @@ def test_convert_frees_each_4bit_weight_as_it_goes_without_a_collection(stories2
         gc.enable()
     assert alive == 0
     assert all(type(getattr(parent, name)).__name__ == "Int8Linear" for parent, name, _ in layers)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_memory_plan_counts_the_mlps_int8_kept_gate_and_up(checkpointing):
+    """quant.int8_saved_mlp=int8 keeps gate and up at one byte per value (bf16: two), and the planner says so."""
+    from qlorax import families
+    from qlorax.memory import estimate, model_shape
+
+    base = ["quant.compute=int8", "data.cutoff_len=256", "train.micro_batch_size=2", "train.precision=bf16",
+            f"train.gradient_checkpointing={str(checkpointing).lower()}"]
+    int8_kept, bf16_kept = estimate(compose(base)), estimate(compose([*base, "quant.int8_saved_mlp=bf16"]))
+    sizes = families.shape_of(model_shape(compose(base))[0])
+    layers_keeping = 1 if checkpointing else sizes.layers   # checkpointing keeps one layer's activations at a time
+    assert bf16_kept.activations - int8_kept.activations == layers_keeping * 2 * 256 * 2 * sizes.intermediate
+    assert bf16_kept.weights == int8_kept.weights
+    bf16_compute = estimate(compose([*base[1:], "quant.compute=bf16"]))   # int8_saved_mlp applies to int8 compute only
+    assert bf16_compute.activations == bf16_kept.activations

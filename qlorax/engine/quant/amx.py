@@ -11,9 +11,9 @@ takes the weight as it lies:
   row); the product is y's transpose, turned back in the epilogue, which applies both scales and writes bf16.
 - input gradient ``dx = dy @ W``: dy is quantized as plain rows (the A operand); W's columns are turned into the B
   operand (4 rows interleaved byte by byte) one L2-sized strip of 128 columns at a time, and each strip serves
-  every row block of dy.
+  every row block of dy. An int4-stored weight is unpacked straight into the strips.
 
-Both split their output columns over the threads (a ctypes call releases the GIL). The quantizer is
+Both split their output columns over torch's own OpenMP threads (see ``native.FLAGS``). The quantizer is
 ``int8.quantize_rows`` in C: the same rounding (nearest even) and the same fp32 operations, so the int8 rows
 agree except where the reference's fused ops round a half differently (about 1 in 10^6 elements, by one).
 
