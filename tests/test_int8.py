@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from qlorax.engine.quant import int8, int8_guard
+from qlorax.engine.quant import amx, int8, int8_guard
 from qlorax.errors import ConfigError, QloraxError
 from qlorax.spec import compose
 from conftest import run_cli
@@ -243,6 +243,7 @@ def test_train_with_int8_compute_on_stories260k(tmp_path, stories260k, english_q
     summary = json.loads((run_dir / "train_summary.json").read_text())
     compute = summary["compute"]
     assert compute["compute"] == "int8" and compute["layers"] == 35
+    assert compute["matmul"] == ("amx" if amx.library() is not None else "torch._int_mm")   # q/o_proj: 64 x 64
     assert abs(compute["loss_gap"]) < compute["max_loss_gap"]
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert "quant.compute=int8" in (result.stdout + result.stderr)
