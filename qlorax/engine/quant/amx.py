@@ -105,6 +105,26 @@ static inline __m128i load16(const weight_t* W, int64_t r, int64_t k) {
                            _mm_mullo_epi16(_mm_cvtepi8_epi16(_mm_srli_si128(nibbles, 8)), m));
 }
 
+/* The 2 x 2 tile product both kernels run: C tiles 0-3 (A row block 0 or 1 times B column block 0 or 1, stored to
+   c[2 * a + b]) summed over `steps` steps, each 64 bytes further along A's rows (16 rows lda apart) and b_step bytes
+   further along B (16 rows ldb apart). two_a / two_b: the second A / B block exists. */
+static inline __attribute__((always_inline)) void tile_product(const int8_t* a0, const int8_t* a1, int64_t lda, const int8_t* b0, const int8_t* b1,
+                                int64_t ldb, int64_t b_step, int64_t steps, int two_a, int two_b, int32_t c[4][256]) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(4, a0 + s * 64, lda);
+        _tile_loadd(6, b0 + s * b_step, ldb);
+        _tile_dpbssd(0, 4, 6);
+        if (two_b) { _tile_loadd(7, b1 + s * b_step, ldb); _tile_dpbssd(1, 4, 7); }
+        if (two_a) {
+            _tile_loadd(5, a1 + s * 64, lda);
+            _tile_dpbssd(2, 5, 6);
+            if (two_b) _tile_dpbssd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+}
+
 static inline void store_bf16(uint16_t* dst, __m512 v) {
     _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v));
 }
@@ -128,21 +148,8 @@ static void forward_columns(const int8_t* W, const int8_t* xq, const float* row_
         const int64_t m_end = mc + chunk < Mp ? mc + chunk : Mp;
         for (int64_t m = mc; m < m_end; m += 32) {
             const int two_m = m + 32 <= m_end;
-            const int8_t* b0 = xq + m * K;        /* block m/16 starts at (m/16) * 16K bytes */
-            const int8_t* b1 = b0 + 16 * K;
-            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-            for (int64_t k = 0; k < K; k += 64) {
-                _tile_loadd(4, a0 + k, K);
-                _tile_loadd(6, b0 + k * 16, 64);
-                _tile_dpbssd(0, 4, 6);
-                if (two_m) { _tile_loadd(7, b1 + k * 16, 64); _tile_dpbssd(1, 4, 7); }
-                if (two_n) {
-                    _tile_loadd(5, a1 + k, K);
-                    _tile_dpbssd(2, 5, 6);
-                    if (two_m) _tile_dpbssd(3, 5, 7);
-                }
-            }
-            _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+            const int8_t* b0 = xq + m * K;        /* block m/16 starts at (m/16) * 16K bytes; 64 k: 16 rows of 64 */
+            tile_product(a0, a1, K, b0, b0 + 16 * K, 64, 1024, K / 64, two_n, two_m, c);
             for (int t = 0; t < 4; ++t) {
                 const int tn = t >> 1, tm = t & 1;
                 if ((tn && !two_n) || (tm && !two_m)) continue;
@@ -191,20 +198,8 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
             const int8_t* a1 = a0 + 16 * N;
             for (int64_t k = 0; k < width; k += 32) {
                 const int two_k = k + 32 <= width;
-                const int8_t* b = strip + k * 4;
-                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                for (int64_t n = 0; n < N; n += 64) {
-                    _tile_loadd(4, a0 + n, N);
-                    _tile_loadd(6, b + (n / 4) * stride, stride);
-                    _tile_dpbssd(0, 4, 6);
-                    if (two_k) { _tile_loadd(7, b + (n / 4) * stride + 64, stride); _tile_dpbssd(1, 4, 7); }
-                    if (two_m) {
-                        _tile_loadd(5, a1 + n, N);
-                        _tile_dpbssd(2, 5, 6);
-                        if (two_k) _tile_dpbssd(3, 5, 7);
-                    }
-                }
-                _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
+                const int8_t* b = strip + k * 4;   /* 64 n: 16 strip rows of `stride` bytes */
+                tile_product(a0, a1, N, b, b + 64, stride, 16 * stride, N / 64, two_m, two_k, c);
                 for (int t = 0; t < 4; ++t) {
                     const int tm = t >> 1, tk = t & 1;
                     if ((tm && !two_m) || (tk && !two_k)) continue;
