@@ -53,7 +53,12 @@ static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (int32 1
     _tile_loadconfig(&c);
 }
 
-/* Rows [r0, r1) of x [M, K] (bf16) times col_scale [K] as int8 with one fp32 scale per row (max|row| -> 127,
+/* 16 bf16 values as fp32. */
+static inline __m512 load_bf16x16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+/* The rows of x [M, K] (bf16, split over the threads) times col_scale [K] as int8 with one fp32 scale per row (max|row| -> 127,
    rounded to nearest even), written "vnni" (rows in blocks of 16: [M/16][K/4][16][4], the B operand of a tile
    product) or "plain" ([M, K], the A operand). */
 void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out, float* row_scale,
@@ -63,7 +68,7 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
         const uint16_t* xr = x + r * K;
         __m512 amax = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + k))), 16));
+            __m512 v = load_bf16x16(xr + k);
             v = _mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k));
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
         }
@@ -72,7 +77,7 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
         row_scale[r] = m / 127.0f;
         const __m512 mul = _mm512_set1_ps(127.0f / m);
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(xr + k))), 16));
+            __m512 v = load_bf16x16(xr + k);
             v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k)), mul);
             __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));   /* round to nearest even, saturate */
             if (vnni) {
@@ -108,8 +113,10 @@ static inline __m128i load16(const weight_t* W, int64_t r, int64_t k) {
 /* The 2 x 2 tile product both kernels run: C tiles 0-3 (A row block 0 or 1 times B column block 0 or 1, stored to
    c[2 * a + b]) summed over `steps` steps, each 64 bytes further along A's rows (16 rows lda apart) and b_step bytes
    further along B (16 rows ldb apart). two_a / two_b: the second A / B block exists. */
-static inline __attribute__((always_inline)) void tile_product(const int8_t* a0, const int8_t* a1, int64_t lda, const int8_t* b0, const int8_t* b1,
-                                int64_t ldb, int64_t b_step, int64_t steps, int two_a, int two_b, int32_t c[4][256]) {
+static inline __attribute__((always_inline)) void tile_product(const int8_t* a0, const int8_t* a1, int64_t lda,
+                                                               const int8_t* b0, const int8_t* b1, int64_t ldb,
+                                                               int64_t b_step, int64_t steps, int two_a, int two_b,
+                                                               int32_t c[4][256]) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int64_t s = 0; s < steps; ++s) {
         _tile_loadd(4, a0 + s * 64, lda);

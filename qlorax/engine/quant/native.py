@@ -5,9 +5,9 @@ unpacking the int4-stored weight of ``quant.compute=int8`` (nibble times its gro
 8.3 ms per 5632 x 2048 weight as a torch.compile'd kernel (inductor runs int8 shifts and multiplies 16
 lanes at a time, emulated), about as long as the int8 matmul it feeds; the C loop below takes 0.45 ms
 on 2 cores (memory bound). The C source is compiled once per machine with the C/C++ compiler that
-torch.compile needs anyway (``-O3 -march=native``), cached by source, compiler and CPU flags, and loaded
-with ctypes (a ctypes call releases the GIL, so row slices run in parallel on a thread pool). Where no
-compiler works, ``library()`` is None and callers use their torch version (with a warning, once).
+torch.compile needs anyway (``-O3 -march=native -fopenmp``), cached by source, compiler and CPU flags, and
+loaded with ctypes after torch, so its OpenMP loops run on torch's own threads (``FLAGS``). Where no compiler
+works, ``library()`` is None and callers use their torch version (with a warning, once).
 
 The second kernel dequantizes bitsandbytes' NF4/FP4 weights to bf16 for the default bf16-compute path
 (``bnb_cpu``), bit-identical to bitsandbytes' own CPU kernel, which looks values up one at a time:
@@ -150,8 +150,8 @@ def _built(source: str = SOURCE, stem: str = "qlorax_kernels", extra_flags: tupl
     compiler = _compiler()
     said = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     version = said.splitlines()[:1]
-    key = hashlib.sha256("\n".join([source, compiler, *version, *FLAGS, *extra_flags, platform.machine(), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([source, compiler, *version, *FLAGS, *extra_flags, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{stem}_{key}.so"
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(target.parent)
@@ -161,8 +161,8 @@ def _built(source: str = SOURCE, stem: str = "qlorax_kernels", extra_flags: tupl
         source_file = Path(work, "kernels.c")
         source_file.write_text(source)
         built = Path(work, target.name)
-        done = subprocess.run([compiler, *FLAGS, *extra_flags, str(source_file), "-o", str(built)], capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run([compiler, *FLAGS, *extra_flags, str(source_file), "-o", str(built)],
+                              capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             said = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"{compiler} failed{': ' + said[-1] if said else f' (exit {done.returncode})'}")
