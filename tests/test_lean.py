@@ -327,3 +327,20 @@ def test_chunked_loss_keeps_the_models_own_head_when_it_is_trained():
     lean.make_lean(model, autocast=True)
     model.get_base_model().lm_head.weight.requires_grad_(True)
     assert lean.chunked_head(model) is None
+
+
+def test_lean_patches_survive_train_mode_on_a_plain_load(stories260k):
+    """transformers 5 kernelizes a from_pretrained model (Hub kernels, ``kernels`` installed) and re-kernelizes
+    on every ``train()``, which put its own RMSNorm forward back over the lean one; qlorax's loader turns that off."""
+    from qlorax.engine.model import attach_lora
+    from qlorax.engine.quant import load_base_model
+    from qlorax.engine.train import prepare_for_training
+    from qlorax.spec import compose
+
+    spec = compose(["model=stories260k", f"model.path={stories260k}", "quant=none"])
+    model = attach_lora(load_base_model(spec, str(stories260k), "bf16"), spec)
+    prepare_for_training(model, spec, "bf16")
+    for mode in (False, True):
+        model.train(mode)
+        norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        assert norms and all(m.forward.__func__ is lean._rmsnorm_forward for m in norms), mode

@@ -6,7 +6,8 @@ that generator, still resumes bitwise) and keeps element ``i`` when ``hash32(i +
 hashes the same indices again. torch.compile fuses the hash, the compare and the scaling into one pass over
 the tensor (read ``x``, write the dropped copy). On this project's 2-core machine a 256 x 2048 bf16 input
 takes 0.21 ms against 0.95-1.2 ms to draw and apply a mask (256 x 5632: 0.47 against 2.5-3.4 ms), and
-nothing is kept but 8 bytes. Two seeds give pairwise independent masks (element ``i`` of one is element
+nothing is kept but 8 bytes. bf16 tensors take the same hash as a native loop (``lean_native``; 1024 x 2048:
+0.32 against 1.24 ms compiled, on the AMX machine), bit-identical. Two seeds give pairwise independent masks (element ``i`` of one is element
 ``i + d`` of the other, d != 0).
 
 Where compiling fails (no C++ compiler) the mask is drawn as before and kept, one byte per element
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import logging
+
+from qlorax.engine import lean_native
 
 log = logging.getLogger("qlorax")
 _RANDOM_BITS = 16
@@ -72,6 +75,10 @@ def _hashed_kernel():
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
         def kernel(t, seed, threshold, scale):
+            if lean_native.usable(t) and not (t.requires_grad and torch.is_grad_enabled()):
+                # bf16 inside an autograd function (no graph to record): the native loop, the same values (tested),
+                # 3.8x the compiled one's speed
+                return lean_native.hashed_dropout(t, seed, threshold, scale)
             rows = t.reshape(-1, t.shape[-1])   # [batch, seq, width] too: one kernel per width, any row count
             if rows.shape[0] > 1:
                 torch._dynamo.mark_dynamic(rows, 0)

@@ -31,7 +31,7 @@ import functools
 import logging
 
 from qlorax.engine import dropout as lora_dropout
-from qlorax.engine import lora_fused
+from qlorax.engine import lean_native, lora_fused
 
 log = logging.getLogger("qlorax")
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -104,25 +104,35 @@ def _rmsnorm_class():
     import torch
 
     class RMSNorm(torch.autograd.Function):
-        """weight * (x * rsqrt(mean(x^2) + eps)) as transformers' Llama computes it; keeps x and rstd."""
+        """weight * (x * rsqrt(mean(x^2) + eps)) as transformers' Llama computes it; keeps x and rstd.
+
+        Where ``lean_native`` takes bf16 x and weight, the row scale still comes from torch's reduction (so the
+        output stays bit-identical) and the rest of the forward, and the backward, run natively.
+        """
 
         @staticmethod
         def forward(ctx, x, weight, eps):
             xf = x.float()
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
             ctx.save_for_backward(x, weight, rstd)
+            if lean_native.usable(x, weight):
+                return lean_native.rmsnorm_apply(x, rstd, weight)
             return weight * (xf * rstd).to(x.dtype)
 
         @staticmethod
         def backward(ctx, grad):
             x, weight, rstd = ctx.saved_tensors
+            want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            if lean_native.usable(grad, x, weight):
+                grad_x, grad_weight = lean_native.rmsnorm_backward(grad, x, rstd, weight, want_dx, want_dw)
+                return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype), None
             xhat = x.float() * rstd
             grad_weight = None
-            if ctx.needs_input_grad[1]:
+            if want_dw:
                 dims = tuple(range(grad.dim() - 1))
                 grad_weight = (grad.float() * xhat.to(x.dtype).float()).sum(dims).to(weight.dtype)
             grad_x = None
-            if ctx.needs_input_grad[0]:
+            if want_dx:
                 g = grad.float() * weight.float()
                 grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
             return grad_x, grad_weight, None
@@ -161,16 +171,24 @@ class _KeptGateUp:
     """The gated MLP's gate and up as backward gets them: the tensors themselves, or per-row int8 and scales.
 
     Int8 rows (``codec``, int8 compute only) halve what the MLP keeps per token (2 x intermediate bytes instead
-    of 4); the forward is computed from the exact tensors before they are dropped.
+    of 4); the forward is computed from the exact tensors before they are dropped. ``native``: ``lean_native``
+    runs the forward's product and quantization and the backward (bf16 gate and up, width a multiple of 16).
     """
-    __slots__ = ("gate", "up", "shape", "dtype", "codec")
+    __slots__ = ("gate", "up", "shape", "dtype", "codec", "native")
 
     def __init__(self, gate, up, codec):
         self.shape, self.dtype, self.codec = gate.shape, gate.dtype, codec
-        if codec is None:
+        self.native = lean_native.usable(gate, up)
+        self.gate = self.up = None
+
+    def keep(self, gate, up, int8_rows=None):
+        """Keep gate and up: as they are, or as int8 rows (``int8_rows``: already quantized, else the codec's)."""
+        if self.codec is None:
             self.gate, self.up = gate, up
+        elif int8_rows is not None:
+            self.gate, self.up = int8_rows
         else:
-            quantize, _ = codec
+            quantize, _ = self.codec
             width = gate.shape[-1]
             self.gate = quantize(gate.detach().reshape(-1, width))
             self.up = quantize(up.detach().reshape(-1, width))
@@ -182,11 +200,19 @@ class _KeptGateUp:
         dequantize = self.codec[1]
         return tuple(dequantize(q, scale, self.dtype).reshape(self.shape) for q, scale in (self.gate, self.up))
 
+    def hidden(self):
+        """silu(gate) * up again, from what is kept."""
+        import torch
+
+        if self.native:
+            return lean_native.silu_mul_recompute(self.gate, self.up, self.shape.numel() // self.shape[-1],
+                                                  self.shape[-1]).reshape(self.shape)
+        gate, up = self.tensors()
+        return torch.nn.functional.silu(gate) * up
+
 
 def _recompute_from(hidden, kept: _KeptGateUp):
     """Saved-tensor hooks that keep ``kept`` (gate and up) in place of any saved view of ``hidden``."""
-    import torch
-
     where = (hidden.untyped_storage().data_ptr(), hidden.storage_offset(), hidden.numel(), hidden.dtype)
 
     def pack(t):
@@ -196,8 +222,7 @@ def _recompute_from(hidden, kept: _KeptGateUp):
 
     def unpack(saved):
         if isinstance(saved, _Recompute):
-            gate, up = saved.kept.tensors()
-            return (torch.nn.functional.silu(gate) * up).reshape(saved.shape)
+            return saved.kept.hidden().reshape(saved.shape)
         return saved
 
     return pack, unpack
@@ -219,18 +244,32 @@ def _silu_mul_class():
 
         @staticmethod
         def forward(ctx, gate, up, kept):
+            silu = torch.nn.functional.silu(gate)
+            if kept.native:   # the product (bit-identical: torch's silu) and any int8 rows in one pass
+                hidden, int8_rows = lean_native.silu_mul_forward(silu, gate, up, kept.codec is not None)
+            else:
+                hidden, int8_rows = silu * up, None
+            kept.keep(gate, up, int8_rows)
             ctx.kept = kept if kept.codec is not None else None
             if ctx.kept is None:
                 ctx.save_for_backward(gate, up)
-            return torch.nn.functional.silu(gate) * up
+            ctx.native = kept.native
+            return hidden
 
         @staticmethod
         def backward(ctx, grad):
+            want_gate, want_up = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            if ctx.native and lean_native.usable(grad):
+                gate, up = ctx.saved_tensors if ctx.kept is None else (ctx.kept.gate, ctx.kept.up)
+                shape = grad.shape
+                grad_gate, grad_up = lean_native.silu_mul_backward(grad, gate, up, want_gate, want_up)
+                return (None if grad_gate is None else grad_gate.reshape(shape),
+                        None if grad_up is None else grad_up.reshape(shape), None)
             gate, up = ctx.saved_tensors if ctx.kept is None else ctx.kept.tensors()
             grad_gate = grad_up = None
-            if ctx.needs_input_grad[1]:
+            if want_up:
                 grad_up = grad * torch.nn.functional.silu(gate)
-            if ctx.needs_input_grad[0]:
+            if want_gate:
                 grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
             return grad_gate, grad_up, None
 

@@ -46,7 +46,7 @@ def supported() -> str:
 
 def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool = True):
     """The frozen base model, quantized per ``quant.backend`` unless ``quantize`` is false."""
-    from qlorax.engine.quant.common import detach_from_checkpoint_file, return_freed_memory
+    from qlorax.engine.quant.common import detach_from_checkpoint_file, no_hub_kernels, return_freed_memory
 
     name = spec.quant.backend if quantize else "none"
     try:
@@ -57,6 +57,7 @@ def load_base_model(spec: RunSpec, path: str, compute_dtype: str, quantize: bool
         raise QloraxError(f"model.path: cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
     model.requires_grad_(False)
     model.config.use_cache = False
+    no_hub_kernels(model)
     if name != "none":
         detach_from_checkpoint_file(model)
         return_freed_memory()

@@ -42,6 +42,15 @@ def pretrained_kwargs(spec: RunSpec, dtype) -> dict[str, Any]:
             "use_safetensors": None if spec.model.allow_pickle else True, **hub_kwargs(spec)}
 
 
+def no_hub_kernels(model) -> None:
+    """Switch off transformers' Hub kernels for this model (on by default where the ``kernels`` package is installed,
+    which transformers 5 requires): they are code fetched from the Hub, and every ``model.train()`` re-kernelizes,
+    which put transformers' own forward back over the lean kernels' RMSNorm patch (seen on plain bf16 loads: the
+    patch was silently undone, its speed and memory lost)."""
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False   # resets any kernelized forward; train() then leaves the modules alone
+
+
 # ---------------------------------------------------------------- allocator
 def _glibc():
     import ctypes
