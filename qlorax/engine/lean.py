@@ -23,7 +23,8 @@ is avoidable (``train.lean_kernels=true``, the default, patches the model in pla
   forward, when each chunk's softmax is at hand, so nothing is recomputed.
 
 Each patch applies only to module classes whose forward it reproduces exactly (checked by tests);
-anything else keeps the model's own code.
+anything else keeps the model's own code. With bf16 activations, RMSNorm's and the gated MLP's elementwise work
+(and the dropout hash) run as native one-pass loops (``lean_native``), the forwards still bit-identical.
 """
 from __future__ import annotations
 
