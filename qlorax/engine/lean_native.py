@@ -23,19 +23,17 @@ import logging
 
 log = logging.getLogger("qlorax")
 
-SOURCE = r"""
+INCLUDES = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
+"""
+SOURCE = r"""
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-static inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-static inline __m512 load_bf16(const uint16_t* p) { return bf16_to_ps(_mm256_loadu_si256((const __m256i*)p)); }
-static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }   /* nearest even, as torch */
-static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
 static inline __m512 round_bf16(__m512 v) { return bf16_to_ps(to_bf16(v)); }
 
 /* 16 values of a kept gate or up row at column k: bf16 (scale NULL), or int8 times the row's scale, rounded to bf16
@@ -239,15 +237,9 @@ def library():
 
     from qlorax.engine.quant import native
 
-    if not REQUIRED_FLAGS <= set(native._cpu_flags().split()) or native.library() is None:
-        return None
-    try:
-        import torch  # noqa: F401  (loaded first: the kernels then share its OpenMP runtime and threads)
-
-        lib = ctypes.CDLL(str(native._built(SOURCE, "qlorax_lean")))
-    except (OSError, RuntimeError) as exc:
-        log.warning("lean native kernels unavailable (%s); RMSNorm and the gated MLP run as torch ops",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    lib = native.load_extension((INCLUDES, SOURCE), "qlorax_lean", REQUIRED_FLAGS,
+                                "lean native kernels unavailable; RMSNorm and the gated MLP run as torch ops")
+    if lib is None:
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     for name, pointers, result in (("qlorax_rmsnorm_apply", 4, None), ("qlorax_rmsnorm_backward", 6, ctypes.c_int),

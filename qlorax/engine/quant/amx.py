@@ -27,7 +27,7 @@ import logging
 
 log = logging.getLogger("qlorax")
 
-SOURCE = r"""
+INCLUDES = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -35,6 +35,8 @@ SOURCE = r"""
 #include <unistd.h>
 #include <stdlib.h>
 #include <omp.h>
+"""
+SOURCE = r"""
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -53,11 +55,6 @@ static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (int32 1
     _tile_loadconfig(&c);
 }
 
-/* 16 bf16 values as fp32. */
-static inline __m512 load_bf16x16(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
 /* The rows of x [M, K] (bf16, split over the threads) times col_scale [K] as int8 with one fp32 scale per row (max|row| -> 127,
    rounded to nearest even), written "vnni" (rows in blocks of 16: [M/16][K/4][16][4], the B operand of a tile
    product) or "plain" ([M, K], the A operand). */
@@ -68,7 +65,7 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
         const uint16_t* xr = x + r * K;
         __m512 amax = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = load_bf16x16(xr + k);
+            __m512 v = load_bf16(xr + k);
             v = _mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k));
             amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
         }
@@ -77,7 +74,7 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
         row_scale[r] = m / 127.0f;
         const __m512 mul = _mm512_set1_ps(127.0f / m);
         for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = load_bf16x16(xr + k);
+            __m512 v = load_bf16(xr + k);
             v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k)), mul);
             __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));   /* round to nearest even, saturate */
             if (vnni) {
@@ -130,10 +127,6 @@ static inline __attribute__((always_inline)) void tile_product(const int8_t* a0,
         }
     }
     _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
-}
-
-static inline void store_bf16(uint16_t* dst, __m512 v) {
-    _mm256_storeu_si256((__m256i*)dst, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 /* Forward y [M, N] (bf16) = (xq @ W.T) * row_scale[m] * col_scale[n], output columns [n0, n1) (multiples of 16).
@@ -277,16 +270,9 @@ def library():
 
     from qlorax.engine.quant import native
 
-    flags = native._cpu_flags().split()
-    if not {"amx_int8", "amx_tile", "avx512_bf16", "avx512bw"} <= set(flags) or native.library() is None:
-        return None
-    try:
-        import torch  # noqa: F401  (loaded first: the kernels then share its OpenMP runtime and threads)
-
-        lib = ctypes.CDLL(str(native._built(SOURCE, "qlorax_amx", ("-fopenmp",))))
-    except (OSError, RuntimeError) as exc:
-        log.warning("AMX int8 kernels unavailable (%s); int8 matmuls run through torch._int_mm",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    lib = native.load_extension((INCLUDES, SOURCE), "qlorax_amx", {"amx_int8", "amx_tile", "avx512_bf16", "avx512bw"},
+                                "AMX int8 kernels unavailable; int8 matmuls run through torch._int_mm")
+    if lib is None:
         return None
     if lib.qlorax_amx_init() != 0:   # the kernel refused this process AMX tile data
         log.warning("AMX int8 kernels unavailable (arch_prctl refused tile data); int8 matmuls run through "

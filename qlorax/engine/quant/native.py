@@ -110,6 +110,14 @@ void qlorax_dequant4_bf16(const uint8_t* packed, const float* absmax, const floa
 }
 #endif
 """
+# bf16 <-> fp32 for the AVX-512 (BF16) sources (``amx``, ``lean_native``), which put it after their includes: 16 bf16
+# values as fp32, and fp32 back to bf16 rounded to nearest even, as torch rounds.
+BF16_HELPERS = r"""
+static inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+static inline __m512 load_bf16(const uint16_t* p) { return bf16_to_ps(_mm256_loadu_si256((const __m256i*)p)); }
+static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+"""
 COMPILERS = ("g++", "c++", "gcc", "cc")
 # -fopenmp: the loops split over torch's own OpenMP threads (the library is loaded after torch, so it binds to the
 # libgomp torch loaded). A pool of threads of our own ran 1.3-1.4x slower inside a training step: torch's
@@ -142,6 +150,24 @@ def library():
     lib.qlorax_unpack_int4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     return lib
+
+
+def load_extension(source: str, stem: str, required_flags: set[str], unavailable: str):
+    """Another kernel source's library (``amx``, ``lean_native``): built like ``library()``'s, with ``BF16_HELPERS``
+    after its includes (``source`` is (includes, body)); None, with a warning saying ``unavailable``, where the CPU
+    lacks ``required_flags``, native kernels are off or unbuildable, or this source does not build."""
+    import ctypes
+
+    if not required_flags <= set(_cpu_flags().split()) or library() is None:
+        return None
+    includes, body = source
+    try:
+        import torch  # noqa: F401  (loaded first: the kernels then share its OpenMP runtime and threads)
+
+        return ctypes.CDLL(str(_built(includes + BF16_HELPERS + body, stem)))
+    except (OSError, RuntimeError) as exc:
+        log.warning("%s (%s)", unavailable, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
 
 
 def _built(source: str = SOURCE, stem: str = "qlorax_kernels", extra_flags: tuple[str, ...] = ()) -> Path:
