@@ -87,8 +87,8 @@ def test_layers_the_tiles_cannot_take_fall_back_to_int_mm(monkeypatch):
 
 @pytest.mark.parametrize("rows,outs,cols", SHAPES)
 def test_int4_stored_weights_unpack_inside_the_input_gradient_kernel_exactly(rows, outs, cols):
-    """An int4-stored weight (unpacked 16 values at a time inside the input-gradient kernel) gives the products of
-    its int8 form."""
+    """An int4-stored weight (unpacked 64 or, at unaligned strip edges, 16 values at a time inside the
+    input-gradient kernel) gives the products of its int8 form."""
     torch.manual_seed(cols)
     packed, mult, unit = int8.pack_int4(torch.randn(outs, cols))
     weight = int8.unpack_int4(packed, mult)

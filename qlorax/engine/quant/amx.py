@@ -90,8 +90,8 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
 }
 
 /* The input gradient's weight as it reads it: int8 [N, K] as stored, or int4-stored (packed [N, K/2] two per byte,
-   low nibble first, offset 8; times a multiplier per 64: mult [N, K/64]) and unpacked 16 values at a time into
-   the strips, never as a whole int8 weight in memory. (The forward takes int4 weights unpacked whole, by
+   low nibble first, offset 8; times a multiplier per 64: mult [N, K/64]) and unpacked 64 values at a time (16 at
+   a strip's unaligned edge) into the strips, never as a whole int8 weight in memory. (The forward takes int4 weights unpacked whole, by
    ``native``: unpacking its row panels inside the kernel, once per L2-sized chunk of x's rows, measured slower.) */
 typedef struct { const int8_t* w; const uint8_t* packed; const uint8_t* mult; int64_t K; } weight_t;
 
@@ -105,6 +105,16 @@ static inline __m128i load16(const weight_t* W, int64_t r, int64_t k) {
     const __m128i m = _mm_set1_epi16((int16_t)W->mult[r * (W->K / 64) + k / 64]);
     return _mm_packs_epi16(_mm_mullo_epi16(_mm_cvtepi8_epi16(nibbles), m),
                            _mm_mullo_epi16(_mm_cvtepi8_epi16(_mm_srli_si128(nibbles, 8)), m));
+}
+
+/* Row r's 64 int8 weights at columns [k, k + 64) (k a multiple of 64: one int4 group). */
+static inline __m512i load64(const weight_t* W, int64_t r, int64_t k) {
+    if (!W->packed) return _mm512_loadu_si512((const void*)(W->w + r * W->K + k));
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(W->packed + r * (W->K / 2) + k / 2)));
+    const __m512i m = _mm512_set1_epi16((int16_t)W->mult[r * (W->K / 64) + k / 64]), eight = _mm512_set1_epi16(8);
+    const __m512i lo = _mm512_mullo_epi16(_mm512_sub_epi16(_mm512_and_si512(b, _mm512_set1_epi16(15)), eight), m);
+    const __m512i hi = _mm512_mullo_epi16(_mm512_sub_epi16(_mm512_srli_epi16(b, 4), eight), m);
+    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi16(255)), _mm512_slli_epi16(hi, 8));   /* lo, hi bytes */
 }
 
 /* The 2 x 2 tile product both kernels run: C tiles 0-3 (A row block 0 or 1 times B column block 0 or 1, stored to
@@ -168,8 +178,8 @@ static void forward_columns(const int8_t* W, const int8_t* xq, const float* row_
 
 /* Input gradient dx [M, K] (bf16) = (gq @ W) * row_scale[m] * col_scale[k], output columns [k0, k1) (multiples
    of 16). gq [Mp, N] int8 "plain" is the A operand; W's column strip is turned into the B operand (4 rows
-   interleaved byte by byte) once per 32 columns, in strip (N * 32 bytes), and serves every row block. N a
-   multiple of 64. */
+   interleaved byte by byte: a 4 x 4 byte transpose of 64-column register rows) once per KC columns, in strip
+   (N * KC bytes), and serves every row block. N a multiple of 64. */
 static void backward_columns(const weight_t* W, const int8_t* gq, const float* row_scale, const float* col_scale,
                              uint16_t* dx, int8_t* strip, int64_t M, int64_t N, int64_t K, int64_t k0, int64_t k1) {
     configure();
@@ -179,7 +189,24 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
         const int64_t width = kc + KC <= k1 ? KC : k1 - kc;   /* a multiple of 16 */
         /* strip [N/4][width][4]: strip[g][j][i] = W[4g + i][kc + j] */
         for (int64_t g = 0; g < N / 4; ++g) {
-            for (int64_t h = 0; h < width; h += 16) {
+            int64_t h = 0;
+            for (; h + 64 <= width && (kc + h) % 64 == 0; h += 64) {   /* 4 rows x 64 columns -> 256 bytes */
+                const __m512i r0 = load64(W, 4 * g + 0, kc + h), r1 = load64(W, 4 * g + 1, kc + h);
+                const __m512i r2 = load64(W, 4 * g + 2, kc + h), r3 = load64(W, 4 * g + 3, kc + h);
+                const __m512i p01l = _mm512_unpacklo_epi8(r0, r1), p01h = _mm512_unpackhi_epi8(r0, r1);
+                const __m512i p23l = _mm512_unpacklo_epi8(r2, r3), p23h = _mm512_unpackhi_epi8(r2, r3);
+                /* q_t's 128-bit lane l: columns 16 l + 4 t .. + 3, each as 4 row bytes */
+                const __m512i q0 = _mm512_unpacklo_epi16(p01l, p23l), q1 = _mm512_unpackhi_epi16(p01l, p23l);
+                const __m512i q2 = _mm512_unpacklo_epi16(p01h, p23h), q3 = _mm512_unpackhi_epi16(p01h, p23h);
+                const __m512i t0 = _mm512_shuffle_i64x2(q0, q1, 0x44), t1 = _mm512_shuffle_i64x2(q2, q3, 0x44);
+                const __m512i t2 = _mm512_shuffle_i64x2(q0, q1, 0xEE), t3 = _mm512_shuffle_i64x2(q2, q3, 0xEE);
+                int8_t* o = strip + g * width * 4 + h * 4;
+                _mm512_storeu_si512((void*)(o + 0), _mm512_shuffle_i64x2(t0, t1, 0x88));
+                _mm512_storeu_si512((void*)(o + 64), _mm512_shuffle_i64x2(t0, t1, 0xDD));
+                _mm512_storeu_si512((void*)(o + 128), _mm512_shuffle_i64x2(t2, t3, 0x88));
+                _mm512_storeu_si512((void*)(o + 192), _mm512_shuffle_i64x2(t2, t3, 0xDD));
+            }
+            for (; h < width; h += 16) {
                 const __m128i r0 = load16(W, 4 * g + 0, kc + h), r1 = load16(W, 4 * g + 1, kc + h);
                 const __m128i r2 = load16(W, 4 * g + 2, kc + h), r3 = load16(W, 4 * g + 3, kc + h);
                 const __m128i p01l = _mm_unpacklo_epi8(r0, r1), p01h = _mm_unpackhi_epi8(r0, r1);
