@@ -24,7 +24,8 @@ is avoidable (``train.lean_kernels=true``, the default, patches the model in pla
 
 Each patch applies only to module classes whose forward it reproduces exactly (checked by tests);
 anything else keeps the model's own code. With bf16 activations, RMSNorm's and the gated MLP's elementwise work
-(and the dropout hash) run as native one-pass loops (``lean_native``), the forwards still bit-identical.
+(and the dropout hash) run as native one-pass loops (``lean_native``), the forwards still bit-identical. On CPUs
+with AMX-BF16, attention's backward runs on tiles (``attention``; the forward stays transformers' SDPA).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import functools
 import logging
 
 from qlorax.engine import dropout as lora_dropout
-from qlorax.engine import lean_native, lora_fused
+from qlorax.engine import attention, lean_native, lora_fused
 
 log = logging.getLogger("qlorax")
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -49,7 +50,8 @@ def make_lean(model, autocast: bool, mlp_codec=None) -> dict[str, int]:
     """
     import torch
 
-    counts = {"rmsnorm": 0, "gated_mlp": 0, "lora_dropout": 0, "fused_lora": 0, "chunked_loss": 0}
+    counts = {"rmsnorm": 0, "gated_mlp": 0, "lora_dropout": 0, "fused_lora": 0, "chunked_loss": 0,
+              "attention": int(attention.enable(model))}
     for module in model.modules():
         name = type(module).__name__
         if name in RMSNORM_CLASSES and hasattr(module, "variance_epsilon"):
@@ -72,9 +74,9 @@ def make_lean(model, autocast: bool, mlp_codec=None) -> dict[str, int]:
     if type(causal_lm).__name__ in PLAIN_HEAD_CLASSES:
         causal_lm.qlorax_chunked_loss = True
         counts["chunked_loss"] = 1
-    log.info("lean kernels: %d RMSNorm, %d gated MLP, %d LoRA dropout module(s), %d fused LoRA path(s), chunked loss: %s",
-             counts["rmsnorm"], counts["gated_mlp"], counts["lora_dropout"], counts["fused_lora"],
-             "yes" if counts["chunked_loss"] else "no")
+    log.info("lean kernels: %d RMSNorm, %d gated MLP, %d LoRA dropout module(s), %d fused LoRA path(s), chunked loss: "
+             "%s, attention backward on AMX tiles: %s", counts["rmsnorm"], counts["gated_mlp"], counts["lora_dropout"],
+             counts["fused_lora"], "yes" if counts["chunked_loss"] else "no", "yes" if counts["attention"] else "no")
     return counts
 
 

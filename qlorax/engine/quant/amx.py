@@ -36,24 +36,23 @@ INCLUDES = r"""
 #include <stdlib.h>
 #include <omp.h>
 """
-SOURCE = r"""
-#ifdef __cplusplus
-extern "C" {
-#endif
-
+# Shared by every tile kernel (this file's and ``engine.attention``'s), inside their extern "C" block.
+TILES = r"""
 /* Linux keeps AMX's tile data off until a process asks (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
 int qlorax_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
 
-#define KC 128   /* backward: columns per strip */
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
 
-static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (int32 16x16), A 4-5, B 6-7 */
+static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (16 x 16 int32 or fp32), A 4-5, B 6-7 */
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; ++t) { c.colsb[t] = 64; c.rows[t] = 16; }
     _tile_loadconfig(&c);
 }
+"""
+SOURCE = r"""
+#define KC 128   /* backward: columns per strip */
 
 /* The rows of x [M, K] (bf16, split over the threads) times col_scale [K] as int8 with one fp32 scale per row (max|row| -> 127,
    rounded to nearest even), written "vnni" (rows in blocks of 16: [M/16][K/4][16][4], the B operand of a tile
@@ -295,15 +294,9 @@ def library():
     """The AMX kernels (a ctypes library), or None where the CPU has no AMX-INT8 or they do not build."""
     import ctypes
 
-    from qlorax.engine.quant import native
-
-    lib = native.load_extension((INCLUDES, SOURCE), "qlorax_amx", {"amx_int8", "amx_tile", "avx512_bf16", "avx512bw"},
-                                "AMX int8 kernels unavailable; int8 matmuls run through torch._int_mm")
+    lib = load_tile_library(SOURCE, "qlorax_amx", "amx_int8", "AMX int8 kernels unavailable; int8 matmuls run "
+                            "through torch._int_mm")
     if lib is None:
-        return None
-    if lib.qlorax_amx_init() != 0:   # the kernel refused this process AMX tile data
-        log.warning("AMX int8 kernels unavailable (arch_prctl refused tile data); int8 matmuls run through "
-                    "torch._int_mm")
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.qlorax_quantize_rows.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
@@ -312,6 +305,20 @@ def library():
     lib.qlorax_amx_forward.restype = None
     lib.qlorax_amx_backward.argtypes = [pointer] * 7 + [size] * 3
     lib.qlorax_amx_backward.restype = ctypes.c_int
+    return lib
+
+
+def load_tile_library(body: str, stem: str, flag: str, unavailable: str):
+    """A tile kernel source's library (``body`` after ``TILES``, in one extern "C" block), its process granted AMX
+    tile data; None, with a warning saying ``unavailable``, where the CPU lacks AMX (``flag``: amx_int8 or
+    amx_bf16), it does not build, or the kernel refuses the tile data."""
+    from qlorax.engine.quant import native
+
+    source = '#ifdef __cplusplus\nextern "C" {\n#endif\n' + TILES + body
+    lib = native.load_extension((INCLUDES, source), stem, {flag, "amx_tile", "avx512_bf16", "avx512bw"}, unavailable)
+    if lib is not None and lib.qlorax_amx_init() != 0:
+        log.warning("%s (arch_prctl refused tile data)", unavailable)
+        return None
     return lib
 
 

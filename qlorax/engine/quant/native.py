@@ -110,13 +110,30 @@ void qlorax_dequant4_bf16(const uint8_t* packed, const float* absmax, const floa
 }
 #endif
 """
-# bf16 <-> fp32 for the AVX-512 (BF16) sources (``amx``, ``lean_native``), which put it after their includes: 16 bf16
-# values as fp32, and fp32 back to bf16 rounded to nearest even, as torch rounds.
+# bf16 <-> fp32 and a vectorized exp for the AVX-512 (BF16) sources (``amx``, ``lean_native``, ``attention``), which
+# put it after their includes: 16 bf16 values as fp32, fp32 back to bf16 rounded to nearest even (as torch rounds),
+# and exp(x) to ~1e-7 relative.
 BF16_HELPERS = r"""
 static inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 static inline __m512 load_bf16(const uint16_t* p) { return bf16_to_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+/* exp(x), x clamped to [-87, 88]: 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6 (relative error ~1e-7). */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
 """
 COMPILERS = ("g++", "c++", "gcc", "cc")
 # -fopenmp: the loops split over torch's own OpenMP threads (the library is loaded after torch, so it binds to the
@@ -153,7 +170,7 @@ def library():
 
 
 def load_extension(source: str, stem: str, required_flags: set[str], unavailable: str):
-    """Another kernel source's library (``amx``, ``lean_native``): built like ``library()``'s, with ``BF16_HELPERS``
+    """Another kernel source's library (``amx``, ``lean_native``, ``attention``): built like ``library()``'s, with ``BF16_HELPERS``
     after its includes (``source`` is (includes, body)); None, with a warning saying ``unavailable``, where the CPU
     lacks ``required_flags``, native kernels are off or unbuildable, or this source does not build."""
     import ctypes
