@@ -22,16 +22,16 @@ def test_compiled_kernel_matches_the_eager_reference_bit_for_bit(kernel, shape, 
     x = torch.randn(shape).to(dtype)
     for seed in (0, 12345, 2 ** 32 - 1):
         seed = torch.tensor(seed, dtype=torch.int64)
-        want = lora_dropout.hashed_dropout(x, seed, lora_dropout._threshold(0.1), 1 / 0.9)
-        assert torch.equal(kernel(x, seed, lora_dropout._threshold(0.1), 1 / 0.9), want)
+        want = lora_dropout.hashed_dropout(x, seed, lora_dropout.threshold(0.1), 1 / 0.9)
+        assert torch.equal(kernel(x, seed, lora_dropout.threshold(0.1), 1 / 0.9), want)
 
 
 def test_rate_and_independence_across_seeds_and_neighbours():
     """A property of the hash itself (the eager reference): it holds where torch.compile is unavailable too."""
     p = 0.05
     ones = torch.ones(1024, 2048)
-    a = lora_dropout.hashed_dropout(ones, torch.tensor(1), lora_dropout._threshold(p), 1.0) == 0
-    b = lora_dropout.hashed_dropout(ones, torch.tensor(2), lora_dropout._threshold(p), 1.0) == 0
+    a = lora_dropout.hashed_dropout(ones, torch.tensor(1), lora_dropout.threshold(p), 1.0) == 0
+    b = lora_dropout.hashed_dropout(ones, torch.tensor(2), lora_dropout.threshold(p), 1.0) == 0
     n = a.numel()
     tolerance = 4 * (p * (1 - p) / n) ** 0.5
     assert abs(a.float().mean().item() - p) < tolerance

@@ -72,8 +72,8 @@ def test_hashed_dropout_is_bit_identical_to_the_reference(shape):
     for seed in (0, 12345, 2 ** 32 - 1):
         seed = torch.tensor(seed, dtype=torch.int64)
         for p in (0.05, 0.5):
-            want = lora_dropout.hashed_dropout(x, seed, lora_dropout._threshold(p), 1 / (1 - p))
-            assert torch.equal(lean_native.hashed_dropout(x, seed, lora_dropout._threshold(p), 1 / (1 - p)), want)
+            want = lora_dropout.hashed_dropout(x, seed, lora_dropout.threshold(p), 1 / (1 - p))
+            assert torch.equal(lean_native.hashed_dropout(x, seed, lora_dropout.threshold(p), 1 / (1 - p)), want)
 
 
 def test_patched_modules_take_the_native_kernels_and_fall_back_with_the_same_forward(monkeypatch):

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from qlorax.engine import attention, lean_native
+from qlorax.engine import attention, lean_native, lora_native
 from qlorax.engine.quant import amx, bnb_cpu, int8, native
 
 needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in native.COMPILERS), reason="no C compiler")
@@ -30,6 +30,7 @@ def _forget_kernels() -> None:
     amx.library.cache_clear()
     lean_native.library.cache_clear()
     attention.library.cache_clear()
+    lora_native.library.cache_clear()
     int8._fast_kernels.cache_clear()
     bnb_cpu._native_dequant.cache_clear()
 

@@ -35,8 +35,15 @@ def drop(t, p: float):
     if kernel is None:
         keep = draw_keep_mask(t.shape, p)
         return apply_keep(t, keep, p), keep
-    seed = torch.empty((), dtype=torch.int64).random_(0, 2 ** 32)
-    return kernel(t, seed, _threshold(p), 1.0 / (1.0 - p)), seed
+    seed = new_seed()
+    return kernel(t, seed, threshold(p), 1.0 / (1.0 - p)), seed
+
+
+def new_seed():
+    """A call's seed (an int64 tensor), drawn from torch's default generator."""
+    import torch
+
+    return torch.empty((), dtype=torch.int64).random_(0, 2 ** 32)
 
 
 def reapply(t, token, p: float):
@@ -45,10 +52,11 @@ def reapply(t, token, p: float):
 
     if token.dtype == torch.bool:
         return apply_keep(t, token, p)
-    return _hashed_kernel()(t, token, _threshold(p), 1.0 / (1.0 - p))
+    return _hashed_kernel()(t, token, threshold(p), 1.0 / (1.0 - p))
 
 
-def _threshold(p: float) -> int:
+def threshold(p: float) -> int:
+    """Elements whose hash is below this are dropped."""
     return round(p * 2 ** 32)
 
 

@@ -182,20 +182,13 @@ void qlorax_silu_mul_recompute(const void* gate, const float* gate_scale, const 
 /* LoRA dropout without a mask (``dropout.hashed_dropout``): out[i] = bf16(t[i] * scale) where
    hash32((i + seed) mod 2^32) >= threshold, else 0; t and out bf16 [n], i the flat index. */
 void qlorax_hashed_dropout(const uint16_t* t, uint16_t* out, int64_t n, int64_t seed, int64_t threshold, float scale) {
-    const __m512i mix = _mm512_set1_epi32(0x45D9F3B), lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 s = _mm512_set1_ps(scale);
     const int above = threshold > 0xFFFFFFFFLL;   /* nothing is kept */
     const __m512i thr = _mm512_set1_epi32((int32_t)(uint32_t)(above ? 0 : threshold));
     #pragma omp parallel for schedule(static) if (n >= (1 << 16))
     for (int64_t b = 0; b < n / 16; ++b) {
         const int64_t i = b * 16;
-        __m512i x = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)((uint64_t)i + (uint64_t)seed)), lanes);
-        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-        x = _mm512_mullo_epi32(x, mix);
-        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-        x = _mm512_mullo_epi32(x, mix);
-        x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-        const __mmask16 keep = above ? 0 : _mm512_cmpge_epu32_mask(x, thr);
+        const __mmask16 keep = above ? 0 : dropout_keep16(i, seed, thr);
         store_bf16(out + i, _mm512_maskz_mul_ps(keep, load_bf16(t + i), s));
     }
     for (int64_t i = n / 16 * 16; i < n; ++i) {   /* the tail, one at a time */

@@ -110,9 +110,9 @@ void qlorax_dequant4_bf16(const uint8_t* packed, const float* absmax, const floa
 }
 #endif
 """
-# bf16 <-> fp32 and a vectorized exp for the AVX-512 (BF16) sources (``amx``, ``lean_native``, ``attention``), which
-# put it after their includes: 16 bf16 values as fp32, fp32 back to bf16 rounded to nearest even (as torch rounds),
-# and exp(x) to ~1e-7 relative.
+# bf16 <-> fp32, a vectorized exp and LoRA dropout's hash for the AVX-512 (BF16) sources (``amx``, ``lean_native``,
+# ``attention``, ``lora_native``), which put it after their includes: 16 bf16 values as fp32, fp32 back to bf16 rounded
+# to nearest even (as torch rounds), exp(x) to ~1e-7 relative, and 16 dropout keep bits.
 BF16_HELPERS = r"""
 static inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 static inline __m512 load_bf16(const uint16_t* p) { return bf16_to_ps(_mm256_loadu_si256((const __m256i*)p)); }
@@ -133,6 +133,19 @@ static inline __m512 exp_ps(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* LoRA dropout's keep bits (``dropout.hashed_dropout``) of flat indices i .. i + 15: hash32((i + seed) mod 2^32)
+   >= threshold (threshold <= 2^32 - 1: something is kept). */
+static inline __mmask16 dropout_keep16(int64_t i, int64_t seed, __m512i threshold) {
+    const __m512i mix = _mm512_set1_epi32(0x45D9F3B), lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i x = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)((uint64_t)i + (uint64_t)seed)), lanes);
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, mix);
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, mix);
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    return _mm512_cmpge_epu32_mask(x, threshold);
 }
 """
 COMPILERS = ("g++", "c++", "gcc", "cc")
@@ -170,7 +183,7 @@ def library():
 
 
 def load_extension(source: str, stem: str, required_flags: set[str], unavailable: str):
-    """Another kernel source's library (``amx``, ``lean_native``, ``attention``): built like ``library()``'s, with ``BF16_HELPERS``
+    """Another kernel source's library (``amx``, ``lean_native``, ``attention``, ``lora_native``): built like ``library()``'s, with ``BF16_HELPERS``
     after its includes (``source`` is (includes, body)); None, with a warning saying ``unavailable``, where the CPU
     lacks ``required_flags``, native kernels are off or unbuildable, or this source does not build."""
     import ctypes
