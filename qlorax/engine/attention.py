@@ -34,14 +34,19 @@ MAX_LENGTH = 512
 
 SOURCE = r"""
 /* C [M, N] (fp32, ldc) = A [M, K] (bf16 rows, lda) times B (VNNI pairs: [K/2][N][2]); M, N multiples of 16, K of 32.
-   causal: the blocks right of the diagonal (column block > row block) are skipped. */
+   The causal triangle's zeros are skipped: CAUSAL_C, C's blocks right of the diagonal (not needed); ZERO_B_ABOVE, B is
+   zero where its row < its column (P or dS as B: sum from the column's block on); ZERO_A_RIGHT, A is zero where its
+   column > its row (dS as A: sum up to the row's block). Skipped products are exact zeros: the same result. */
+enum { DENSE, CAUSAL_C, ZERO_B_ABOVE, ZERO_A_RIGHT };
 static void gemm(const uint16_t* A, int64_t lda, const uint16_t* B, int64_t N, float* C, int64_t ldc, int64_t M,
-                 int64_t K, int causal) {
+                 int64_t K, int zeros) {
     for (int64_t mb = 0; mb < M / 16; ++mb)
         for (int64_t nb = 0; nb < N / 16; ++nb) {
-            if (causal && nb > mb) continue;
+            if (zeros == CAUSAL_C && nb > mb) continue;
+            const int64_t t0 = zeros == ZERO_B_ABOVE ? nb / 2 : 0;
+            const int64_t t1 = zeros == ZERO_A_RIGHT ? (mb * 16 + 15) / 32 + 1 : K / 32;
             _tile_zero(0);
-            for (int64_t t = 0; t < K / 32; ++t) {
+            for (int64_t t = t0; t < t1; ++t) {
                 _tile_loadd(4, A + mb * 16 * lda + t * 32, lda * 2);
                 _tile_loadd(6, B + (t * 16 * N + nb * 16) * 2, N * 4);
                 _tile_dpbf16ps(0, 4, 6);
@@ -170,16 +175,16 @@ int qlorax_attention_backward(const uint16_t* q, const uint16_t* k, const uint16
                 }
                 transpose(qh, strides[2], L, D, Qt, Lp);
                 transpose(oh, strides[11], L, D, Ot, Lp);
-                gemm(Qa, lq, Kt, Lp, S, Lp, Lp, D, 1);     /* S = Q K^T */
-                gemm(Oa, lo, Vt, Lp, dP, Lp, Lp, D, 1);    /* dP = dO V^T */
+                gemm(Qa, lq, Kt, Lp, S, Lp, Lp, D, CAUSAL_C);     /* S = Q K^T */
+                gemm(Oa, lo, Vt, Lp, dP, Lp, Lp, D, CAUSAL_C);    /* dP = dO V^T */
                 const uint8_t* mb = mask ? mask + b * mask_batch : NULL;
                 for (int64_t i = 0; i < L; ++i)
                     softmax_row(S + i * Lp, dP + i * Lp, mb ? mb + i * L : NULL, i, Lp, scale, E, Pv, dSv, dS);
-                gemm(Ot, Lp, Pv, Lp, C, Lp, D, Lp, 0);     /* dV^T = dO^T P */
+                gemm(Ot, Lp, Pv, Lp, C, Lp, D, Lp, ZERO_B_ABOVE);    /* dV^T = dO^T P */
                 for (int64_t e = 0; e < D; ++e) memcpy(dvt + (u * D + e) * L, C + e * Lp, L * 4);
-                gemm(Qt, Lp, dSv, Lp, C, Lp, D, Lp, 0);    /* dK^T = Q^T dS */
+                gemm(Qt, Lp, dSv, Lp, C, Lp, D, Lp, ZERO_B_ABOVE);    /* dK^T = Q^T dS */
                 for (int64_t e = 0; e < D; ++e) memcpy(dkt + (u * D + e) * L, C + e * Lp, L * 4);
-                gemm(dS, Lp, Kp, D, C, D, Lp, Lp, 0);      /* dQ = dS K */
+                gemm(dS, Lp, Kp, D, C, D, Lp, Lp, ZERO_A_RIGHT);     /* dQ = dS K */
                 for (int64_t i = 0; i < L; ++i)
                     for (int64_t e = 0; e < D; e += 16) store_bf16(dq + (u * L + i) * D + e, _mm512_loadu_ps(C + i * D + e));
             }
