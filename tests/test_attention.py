@@ -144,3 +144,12 @@ def test_calls_it_cannot_take_run_sdpa():
 def test_models_on_other_attention_implementations_are_left_alone():
     model = _tiny_llama("eager")
     assert not attention.enable(model) and model.config._attn_implementation == "eager"
+
+
+def test_transformers_without_the_attention_interface_keeps_its_own(monkeypatch):
+    """The bigdl environment's transformers (4.37) predates AttentionInterface: training goes on with SDPA."""
+    import transformers
+
+    model = _tiny_llama()
+    monkeypatch.delattr(transformers, "AttentionInterface")
+    assert not attention.enable(model) and model.config._attn_implementation == "sdpa"

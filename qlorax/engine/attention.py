@@ -312,10 +312,12 @@ def _beyond_causal(mask) -> bool:
 
 def enable(model) -> bool:
     """Make ``model`` (a transformers or peft model using SDPA) train through ``attention_forward``; False where the
-    kernel is unavailable or the model uses another attention implementation."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
+    kernel is unavailable, transformers has no attention interface, or the model uses another implementation."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:   # transformers before 4.48 (the bigdl environment's): no attention interface to register with
+        return False
     if library() is None:
         return False
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
