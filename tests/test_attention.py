@@ -68,6 +68,18 @@ def test_backward_is_closer_to_fp64_than_torchs_kernel(batch, heads, kv_heads, l
 
 
 @needs_amx
+def test_each_tensor_is_read_through_its_own_strides():
+    """k a [B, L, Hk, D] view and v contiguous [B, Hk, L, D]; the output's gradient contiguous; one packed mask for a
+    batch of 2 (broadcast)."""
+    q, k, v, grad = _inputs(2, 4, 2, 48, 64, seed=1)
+    v, grad = v.contiguous(), grad.contiguous()
+    mask = _packed_mask([0] * 20 + [1] * 28)
+    exact = _reference(q, k, v, grad, mask, torch.float64)
+    for got, want in zip(attention.backward(q, k, v, grad, mask, 64 ** -0.5), exact):
+        assert _rel(got, want) < 3.5e-3
+
+
+@needs_amx
 def test_a_query_that_sees_nothing_gets_zero_gradients():
     q, k, v, grad = _inputs(1, 2, 2, 40, 32)
     mask = _padding_mask([40], 40)
@@ -147,9 +159,12 @@ def test_models_on_other_attention_implementations_are_left_alone():
 
 
 def test_transformers_without_the_attention_interface_keeps_its_own(monkeypatch):
-    """The bigdl environment's transformers (4.37) predates AttentionInterface: training goes on with SDPA."""
-    import transformers
+    """The bigdl environment's transformers (4.37) predates the attention and mask interfaces: training goes on with
+    SDPA."""
+    import sys
 
     model = _tiny_llama()
-    monkeypatch.delattr(transformers, "AttentionInterface")
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)   # its import now fails
     assert not attention.enable(model) and model.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
+    assert attention.enable(model) == (attention.library() is not None)   # the same model, with the interfaces

@@ -52,17 +52,38 @@ def test_forward_and_backward_match_fp32_autograd_with_the_same_mask(rows, cols,
 
 
 @needs_kernels
+def test_a_strided_input_is_read_as_its_rows():
+    x, base, a, b, grad = _case(24, 64, 96, 4)
+    wide = torch.zeros(24, 128, dtype=torch.bfloat16)
+    wide[:, :64] = x
+    strided = wide[:, :64]   # rows 128 apart
+    threshold, drop_scale = lora_dropout.threshold(0.2), 1 / 0.8
+    out, middle = lora_native.forward(strided, base, a, b, 2.0, 9, threshold, drop_scale)
+    want_out, want_x, want_a, want_b, _ = _reference(x, base, a, b, grad, 2.0, 9, 0.2)
+    grad_x, grad_a, grad_b = lora_native.backward(grad, strided, middle, a, b, 2.0, 9, threshold, drop_scale, True, True,
+                                                  True)
+    assert _rel(out, want_out) < 5e-3 and _rel(grad_x, want_x) < 5e-3
+    assert _rel(grad_a, want_a) < 5e-3 and _rel(grad_b, want_b) < 5e-3
+
+
+@needs_kernels
 def test_the_fused_path_runs_them_and_agrees_with_its_torch_ops(monkeypatch):
     x, base, a, b, grad = _case(40, 128, 64, 8)
+    ran = []
+    for name in ("forward", "backward"):
+        real = getattr(lora_native, name)
+        monkeypatch.setattr(lora_native, name, lambda *args, real=real, name=name: ran.append(name) or real(*args))
     results = []
     for native in (True, False):
         if not native:
+            assert ran == ["forward", "backward"]
             monkeypatch.setattr(lora_native, "usable", lambda *args: False)
         xs, as_, bs = (t.clone().requires_grad_() for t in (x, a, b))
         torch.manual_seed(5)   # the same dropout seed for both
         out = lora_fused._function().apply(xs, base, as_, bs, 2.0, 0.2)
         out.backward(grad)
         results.append((out, xs.grad, as_.grad, bs.grad))
+    assert ran == ["forward", "backward"]   # the torch ops ran the second time
     for got, want in zip(*results):
         assert _rel(got, want) < 1e-2
 

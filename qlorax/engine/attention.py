@@ -146,12 +146,13 @@ int qlorax_attention_backward(const uint16_t* q, const uint16_t* k, const uint16
         uint16_t* Kt = (uint16_t*)calloc(Lp * D, 2);    /* K^T as pairs [D/2][Lp][2] */
         uint16_t* Vt = (uint16_t*)calloc(Lp * D, 2);    /* V^T as pairs */
         uint16_t* Kp = (uint16_t*)calloc(Lp * D, 2);    /* K as pairs [Lp/2][D][2] */
-        if (!S || !dP || !C || !E || !Pv || !dSv || !dS || !Qr || !Or || !Qt || !Ot || !Kt || !Vt || !Kp) {
-            failed = 1;
-        } else {
+        const int ok = S && dP && C && E && Pv && dSv && dS && Qr && Or && Qt && Ot && Kt && Vt && Kp;
+        if (!ok) failed = 1;
+        {
             int64_t packed = -1;   /* the (batch, kv head) whose K and V are packed */
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(static)   /* every thread meets it, buffers or not (its barrier) */
             for (int64_t u = 0; u < B * H; ++u) {
+                if (!ok) continue;
                 const int64_t b = u / H, h = u % H, g = b * Hk + h / rep;
                 const uint16_t* qh = q + b * strides[0] + h * strides[1];
                 const uint16_t* oh = dout + b * strides[9] + h * strides[10];
@@ -289,11 +290,11 @@ def takes(module, query, key, value, mask, kwargs) -> bool:
         return False
     if any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks")):
         return False
-    if not all(t.dtype == torch.bfloat16 and t.dim() == 4 for t in (query, key, value)):
+    if not all(t.dtype == torch.bfloat16 and t.dim() == 4 and t.device.type == "cpu" for t in (query, key, value)):
         return False
     batch, heads, length, dim = query.shape
-    if (dim % 32 or key.shape[2] != length or not 1 < length <= MAX_LENGTH or value.shape[-1] != dim
-            or heads % key.shape[1] or key.shape[0] != batch):
+    if (dim % 32 or key.shape[2] != length or not 1 < length <= MAX_LENGTH or value.shape != key.shape
+            or key.shape[-1] != dim or heads % key.shape[1] or key.shape[0] != batch):
         return False
     if mask is None:
         causal = kwargs.get("is_causal")
@@ -321,7 +322,8 @@ def enable(model) -> bool:
     if library() is None:
         return False
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(causal_lm.config, "_attn_implementation", None) != "sdpa":
+    if (getattr(causal_lm.config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(causal_lm, "set_attn_implementation")):
         return False
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)

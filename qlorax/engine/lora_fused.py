@@ -81,6 +81,7 @@ def _function():
             x_c = x.to(dtype)
             ctx.native = lora_native.usable(x_c, base, a.shape[0])
             if ctx.native:   # one pass per tensor, dropout inline (lora_native)
+                x_c = x_c.contiguous()
                 ctx.hash = (int(lora_dropout.new_seed()) if p > 0 else 0, lora_dropout.threshold(p), 1.0 / (1.0 - p))
                 out, middle = lora_native.forward(x_c, base, a, b, scaling, *ctx.hash)
                 ctx.save_for_backward(x_c, middle, a, b)

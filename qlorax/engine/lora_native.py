@@ -43,7 +43,7 @@ void qlorax_lora_forward(const uint16_t* x, const uint16_t* base, const uint16_t
                          uint16_t* out, int64_t M, int64_t K, int64_t N, int64_t r, int64_t seed, int64_t threshold,
                          float drop_scale, float scaling) {
     const __m512i thr = _mm512_set1_epi32((int32_t)(uint32_t)threshold);
-    const __m512 ds = _mm512_set1_ps(drop_scale);
+    const __m512 ds = _mm512_set1_ps(threshold > 0xFFFFFFFFLL ? 0.0f : drop_scale);   /* p = 1: nothing kept */
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < M; ++t) {
         __m512 acc[MAXR];
@@ -79,7 +79,7 @@ int qlorax_lora_backward(const uint16_t* grad, const uint16_t* x, const uint16_t
                          const uint16_t* Bt16, uint16_t* grad_x, float* grad_a, float* grad_bt, int64_t M, int64_t K,
                          int64_t N, int64_t r, int64_t seed, int64_t threshold, float drop_scale, float scaling) {
     const __m512i thr = _mm512_set1_epi32((int32_t)(uint32_t)threshold);
-    const __m512 ds = _mm512_set1_ps(drop_scale);
+    const __m512 ds = _mm512_set1_ps(threshold > 0xFFFFFFFFLL ? 0.0f : drop_scale);   /* p = 1: nothing kept */
     const int threads = omp_get_max_threads();
     float* partial = (float*)calloc((size_t)threads * r * (K + N), sizeof(float));   /* per thread: dA [r, K], dBt [r, N] */
     if (!partial) return 1;
@@ -222,7 +222,7 @@ def backward(grad, x, middle, a, b, scaling: float, seed: int, threshold: int, d
     """(grad_x bf16 or None, grad_a fp32 [r, K] or None, grad_b fp32 [N, r] or None) of ``forward``."""
     import torch
 
-    grad = grad.contiguous()
+    grad, x = grad.contiguous(), x.contiguous()   # the kernel indexes rows as t * width
     rows, outs = grad.shape
     rank, cols = a.shape
     a16 = a.to(torch.bfloat16).contiguous()

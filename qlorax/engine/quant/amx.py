@@ -106,6 +106,18 @@ static inline __m128i load16(const weight_t* W, int64_t r, int64_t k) {
                            _mm_mullo_epi16(_mm_cvtepi8_epi16(_mm_srli_si128(nibbles, 8)), m));
 }
 
+/* Rows 4g .. 4g + 3 of W at columns [k, k + 16) interleaved byte by byte: 64 bytes of a strip (k a multiple of 16). */
+static inline void pack16(const weight_t* W, int64_t g, int64_t k, int8_t* o) {
+    const __m128i r0 = load16(W, 4 * g + 0, k), r1 = load16(W, 4 * g + 1, k);
+    const __m128i r2 = load16(W, 4 * g + 2, k), r3 = load16(W, 4 * g + 3, k);
+    const __m128i p01l = _mm_unpacklo_epi8(r0, r1), p01h = _mm_unpackhi_epi8(r0, r1);
+    const __m128i p23l = _mm_unpacklo_epi8(r2, r3), p23h = _mm_unpackhi_epi8(r2, r3);
+    _mm_storeu_si128((__m128i*)(o + 0), _mm_unpacklo_epi16(p01l, p23l));
+    _mm_storeu_si128((__m128i*)(o + 16), _mm_unpackhi_epi16(p01l, p23l));
+    _mm_storeu_si128((__m128i*)(o + 32), _mm_unpacklo_epi16(p01h, p23h));
+    _mm_storeu_si128((__m128i*)(o + 48), _mm_unpackhi_epi16(p01h, p23h));
+}
+
 /* Row r's 64 int8 weights at columns [k, k + 64) (k a multiple of 64: one int4 group). */
 static inline __m512i load64(const weight_t* W, int64_t r, int64_t k) {
     if (!W->packed) return _mm512_loadu_si512((const void*)(W->w + r * W->K + k));
@@ -189,7 +201,8 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
         /* strip [N/4][width][4]: strip[g][j][i] = W[4g + i][kc + j] */
         for (int64_t g = 0; g < N / 4; ++g) {
             int64_t h = 0;
-            for (; h + 64 <= width && (kc + h) % 64 == 0; h += 64) {   /* 4 rows x 64 columns -> 256 bytes */
+            for (; h < width && (kc + h) % 64; h += 16) pack16(W, g, kc + h, strip + g * width * 4 + h * 4);
+            for (; h + 64 <= width; h += 64) {   /* 4 rows x 64 columns -> 256 bytes */
                 const __m512i r0 = load64(W, 4 * g + 0, kc + h), r1 = load64(W, 4 * g + 1, kc + h);
                 const __m512i r2 = load64(W, 4 * g + 2, kc + h), r3 = load64(W, 4 * g + 3, kc + h);
                 const __m512i p01l = _mm512_unpacklo_epi8(r0, r1), p01h = _mm512_unpackhi_epi8(r0, r1);
@@ -205,17 +218,7 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
                 _mm512_storeu_si512((void*)(o + 128), _mm512_shuffle_i64x2(t2, t3, 0x88));
                 _mm512_storeu_si512((void*)(o + 192), _mm512_shuffle_i64x2(t2, t3, 0xDD));
             }
-            for (; h < width; h += 16) {
-                const __m128i r0 = load16(W, 4 * g + 0, kc + h), r1 = load16(W, 4 * g + 1, kc + h);
-                const __m128i r2 = load16(W, 4 * g + 2, kc + h), r3 = load16(W, 4 * g + 3, kc + h);
-                const __m128i p01l = _mm_unpacklo_epi8(r0, r1), p01h = _mm_unpackhi_epi8(r0, r1);
-                const __m128i p23l = _mm_unpacklo_epi8(r2, r3), p23h = _mm_unpackhi_epi8(r2, r3);
-                int8_t* o = strip + g * width * 4 + h * 4;
-                _mm_storeu_si128((__m128i*)(o + 0), _mm_unpacklo_epi16(p01l, p23l));
-                _mm_storeu_si128((__m128i*)(o + 16), _mm_unpackhi_epi16(p01l, p23l));
-                _mm_storeu_si128((__m128i*)(o + 32), _mm_unpacklo_epi16(p01h, p23h));
-                _mm_storeu_si128((__m128i*)(o + 48), _mm_unpackhi_epi16(p01h, p23h));
-            }
+            for (; h < width; h += 16) pack16(W, g, kc + h, strip + g * width * 4 + h * 4);
         }
         const int64_t stride = width * 4;
         for (int64_t m = 0; m < Mp; m += 32) {
