@@ -86,12 +86,14 @@ def test_layers_the_tiles_cannot_take_fall_back_to_int_mm(monkeypatch):
 
 
 @pytest.mark.parametrize("rows,outs,cols", SHAPES)
-def test_int4_stored_weights_unpack_inside_the_input_gradient_kernel_exactly(rows, outs, cols):
-    """An int4-stored weight (unpacked 64 or, at unaligned strip edges, 16 values at a time inside the
-    input-gradient kernel) gives the products of its int8 form."""
+def test_int4_stored_weights_unpack_inside_both_kernels_exactly(rows, outs, cols):
+    """An int4-stored weight (unpacked inside the kernels: 64 or, at unaligned strip edges, 16 values at a time into
+    the input gradient's strips, 32 rows at a time into the forward's panels) gives the products of its int8 form."""
     torch.manual_seed(cols)
     packed, mult, unit = int8.pack_int4(torch.randn(outs, cols))
     weight = int8.unpack_int4(packed, mult)
     inv_smooth = torch.rand(cols) + 0.5
     grad = torch.randn(rows, outs, dtype=torch.bfloat16)
     assert torch.equal(amx.backward(grad, packed, unit, inv_smooth, mult), amx.backward(grad, weight, unit, inv_smooth))
+    x = torch.randn(rows, cols, dtype=torch.bfloat16)   # the forward too, its panels unpacked inside
+    assert torch.equal(amx.forward(x, packed, inv_smooth, unit, mult), amx.forward(x, weight, inv_smooth, unit))

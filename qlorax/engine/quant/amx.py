@@ -88,10 +88,11 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
     }
 }
 
-/* The input gradient's weight as it reads it: int8 [N, K] as stored, or int4-stored (packed [N, K/2] two per byte,
-   low nibble first, offset 8; times a multiplier per 64: mult [N, K/64]) and unpacked 64 values at a time (16 at
-   a strip's unaligned edge) into the strips, never as a whole int8 weight in memory. (The forward takes int4 weights unpacked whole, by
-   ``native``: unpacking its row panels inside the kernel, once per L2-sized chunk of x's rows, measured slower.) */
+/* The weight as the kernels read it: int8 [N, K] as stored, or int4-stored (packed [N, K/2] two per byte, low nibble
+   first, offset 8; times a multiplier per 64: mult [N, K/64]), never as a whole int8 weight in memory: unpacked 64
+   values at a time (16 at a strip's unaligned edge) into the input gradient's strips, and 32 rows at a time into the
+   forward's panels where x fits one L2-sized chunk (``unpacks_inside``: batch 1; with more chunks each panel would be
+   unpacked once per chunk, and ``native``'s whole-weight unpack first measured faster). */
 typedef struct { const int8_t* w; const uint8_t* packed; const uint8_t* mult; int64_t K; } weight_t;
 
 /* Row r's 16 int8 weights at columns [k, k + 16) (k a multiple of 16). */
@@ -153,8 +154,8 @@ static inline __attribute__((always_inline)) void tile_product(const int8_t* a0,
 /* Forward y [M, N] (bf16) = (xq @ W.T) * row_scale[m] * col_scale[n], output columns [n0, n1) (multiples of 16).
    W [N, K] int8 row-major is the A operand as it lies; xq comes "vnni" with Mp (M rounded up to 16) rows. The
    tile product is y's transpose, turned in the epilogue. K a multiple of 64. */
-static void forward_columns(const int8_t* W, const int8_t* xq, const float* row_scale, const float* col_scale,
-                            uint16_t* y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+static void forward_columns(const weight_t* W, const int8_t* xq, const float* row_scale, const float* col_scale,
+                            uint16_t* y, int8_t* panel, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
     configure();
     const int64_t Mp = (M + 15) / 16 * 16;
     int32_t c[4][256] __attribute__((aligned(64)));
@@ -164,7 +165,12 @@ static void forward_columns(const int8_t* W, const int8_t* xq, const float* row_
     for (int64_t mc = 0; mc < Mp; mc += chunk)
     for (int64_t n = n0; n < n1; n += 32) {
         const int two_n = n + 32 <= n1;
-        const int8_t* a0 = W + n * K;
+        const int8_t* a0 = W->w + n * K;
+        if (W->packed) {   /* an int4-stored weight: this panel's rows unpacked (once per chunk of x) */
+            for (int64_t r = 0; r < (two_n ? 32 : 16); ++r)
+                for (int64_t k = 0; k < K; k += 64) _mm512_storeu_si512((void*)(panel + r * K + k), load64(W, n + r, k));
+            a0 = panel;
+        }
         const int8_t* a1 = a0 + 16 * K;
         const int64_t m_end = mc + chunk < Mp ? mc + chunk : Mp;
         for (int64_t m = mc; m < m_end; m += 32) {
@@ -254,14 +260,25 @@ static void share(int64_t units, int64_t* lo, int64_t* hi) {
 
 /* y [M, N] = forward_columns over all of N, split in 32-column blocks over torch's OpenMP threads (the same
    runtime and threads as torch's own ops: a second pool would compete with their spinning workers). */
-void qlorax_amx_forward(const int8_t* W, const int8_t* xq, const float* row_scale, const float* col_scale,
-                        uint16_t* y, int64_t M, int64_t N, int64_t K) {
-    #pragma omp parallel
+int qlorax_amx_forward(const int8_t* w, const uint8_t* packed, const uint8_t* mult, const int8_t* xq,
+                       const float* row_scale, const float* col_scale, uint16_t* y, int64_t M, int64_t N, int64_t K) {
+    const weight_t W = {w, packed, mult, K};
+    int failed = 0;
+    #pragma omp parallel reduction(|: failed)
     {
+        static __thread int8_t* panel = NULL;   /* an int4-stored weight's 32 unpacked rows */
+        static __thread int64_t capacity = 0;
         int64_t lo, hi;
         share((N + 31) / 32, &lo, &hi);
-        if (lo < hi) forward_columns(W, xq, row_scale, col_scale, y, M, N, K, lo * 32, hi * 32 < N ? hi * 32 : N);
+        if (packed && capacity < 32 * K) {
+            free(panel);
+            panel = (int8_t*)aligned_alloc(64, 32 * K);
+            capacity = panel ? 32 * K : 0;
+        }
+        if (lo < hi && packed && !panel) failed = 1;
+        else if (lo < hi) forward_columns(&W, xq, row_scale, col_scale, y, panel, M, N, K, lo * 32, hi * 32 < N ? hi * 32 : N);
     }
+    return failed;   /* 1: a panel buffer could not be allocated */
 }
 
 /* dx [M, K] = backward_columns over all of K, split likewise; each thread turns its strips in its own buffer. */
@@ -304,8 +321,8 @@ def library():
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.qlorax_quantize_rows.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
     lib.qlorax_quantize_rows.restype = None
-    lib.qlorax_amx_forward.argtypes = [pointer] * 5 + [size] * 3
-    lib.qlorax_amx_forward.restype = None
+    lib.qlorax_amx_forward.argtypes = [pointer] * 7 + [size] * 3
+    lib.qlorax_amx_forward.restype = ctypes.c_int
     lib.qlorax_amx_backward.argtypes = [pointer] * 7 + [size] * 3
     lib.qlorax_amx_backward.restype = ctypes.c_int
     return lib
@@ -364,16 +381,26 @@ def _weight(weight, group_mult):
     return ctypes.c_void_p(None), _ptr(weight), _ptr(group_mult)
 
 
-def forward(x, weight, inv_smooth, weight_scale):
-    """bf16 ``(x * inv_smooth) @ (weight * weight_scale).T`` through int8 (weight int8 [N, K], x bf16 [M, K])."""
+def forward(x, weight, inv_smooth, weight_scale, group_mult=None):
+    """bf16 ``(x * inv_smooth) @ (weight * weight_scale).T`` through int8 (x bf16 [M, K]). The weight is int8 [N, K],
+    or with ``group_mult`` int4-stored (``int8.pack_int4``: packed [N, K/2]), unpacked inside the kernel one 32-row
+    panel at a time (``unpacks_inside``)."""
     import torch
 
     rows, cols = x.shape
     q, row_scale = quantize_rows(x, inv_smooth, vnni=True)
     y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
-    library().qlorax_amx_forward(_ptr(weight), _ptr(q), _ptr(row_scale), _ptr(weight_scale), _ptr(y), rows,
-                                 weight.shape[0], cols)
+    if library().qlorax_amx_forward(*_weight(weight, group_mult), _ptr(q), _ptr(row_scale), _ptr(weight_scale), _ptr(y),
+                                    rows, weight.shape[0], cols):
+        raise MemoryError(f"AMX int8 forward: no memory for a 32 x {cols} panel buffer")
     return y
+
+
+def unpacks_inside(rows: int, cols: int) -> bool:
+    """An int4-stored weight's forward for ``rows`` of x unpacks its panels inside the kernel: where x fits the
+    kernel's one L2-sized chunk (each panel is then unpacked once; with more chunks, once per chunk, and unpacking
+    the whole weight first measured faster)."""
+    return -(-rows // 16) * 16 <= max(32, (512 * 1024 // cols) // 32 * 32)
 
 
 def backward(grad, weight, weight_scale, inv_smooth, group_mult=None):

@@ -193,6 +193,8 @@ def _int8_matmul():
             ctx.layer, ctx.grad_dtype = layer, x.dtype
             ctx.amx = layer.amx and out_dtype == torch.bfloat16 and amx.usable(layer.in_features, layer.out_features, x)
             if ctx.amx:
+                if layer.group_mult is not None and amx.unpacks_inside(*x.shape):
+                    return amx.forward(x, layer.weight, layer.inv_smooth, layer.weight_scale, layer.group_mult)
                 return amx.forward(x, layer.int8_weight(), layer.inv_smooth, layer.weight_scale)
             quantize, epilogue, _ = kernels(layer.fuse)
             q, row_scale = quantize(x, layer.inv_smooth)
