@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from qlorax.engine.quant.native import pointer
+
 log = logging.getLogger("qlorax")
 
 INCLUDES = r"""
@@ -194,10 +196,7 @@ void qlorax_hashed_dropout(const uint16_t* t, uint16_t* out, int64_t n, int64_t 
     for (int64_t i = n / 16 * 16; i < n; ++i) {   /* the tail, one at a time */
         uint32_t x = (uint32_t)((uint64_t)i + (uint64_t)seed);
         x ^= x >> 16; x *= 0x45D9F3Bu; x ^= x >> 16; x *= 0x45D9F3Bu; x ^= x >> 16;
-        union { float f; uint32_t u; } v;
-        v.u = (uint32_t)t[i] << 16;
-        v.f = (!above && x >= (uint32_t)threshold) ? v.f * scale : 0.0f;
-        out[i] = (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+        out[i] = float_to_bf16((!above && x >= (uint32_t)threshold) ? bf16_to_float(t[i]) * scale : 0.0f);
     }
 }
 #ifdef __cplusplus
@@ -218,14 +217,14 @@ def library():
                                 "lean native kernels unavailable; RMSNorm and the gated MLP run as torch ops")
     if lib is None:
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    address, size = ctypes.c_void_p, ctypes.c_int64
     for name, pointers, result in (("qlorax_rmsnorm_apply", 4, None), ("qlorax_rmsnorm_backward", 6, ctypes.c_int),
                                    ("qlorax_silu_mul_forward", 8, None), ("qlorax_silu_mul_backward", 7, None),
                                    ("qlorax_silu_mul_recompute", 5, None)):
         function = getattr(lib, name)
-        function.argtypes = [pointer] * pointers + [size, size]
+        function.argtypes = [address] * pointers + [size, size]
         function.restype = result
-    lib.qlorax_hashed_dropout.argtypes = [pointer, pointer, size, size, size, ctypes.c_float]
+    lib.qlorax_hashed_dropout.argtypes = [address, address, size, size, size, ctypes.c_float]
     lib.qlorax_hashed_dropout.restype = None
     return lib
 
@@ -238,11 +237,6 @@ def usable(*tensors) -> bool:
             and library() is not None)
 
 
-def _ptr(t):
-    import ctypes
-
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
 
 def _rows(t):
     return t.contiguous().reshape(-1, t.shape[-1])
@@ -254,7 +248,7 @@ def rmsnorm_apply(x, rstd, weight):
 
     rows = _rows(x)
     y = torch.empty_like(rows)
-    library().qlorax_rmsnorm_apply(_ptr(rows), _ptr(rstd.contiguous()), _ptr(weight.contiguous()), _ptr(y), *rows.shape)
+    library().qlorax_rmsnorm_apply(*map(pointer, (rows, rstd.contiguous(), weight.contiguous(), y)), *rows.shape)
     return y.reshape(x.shape)
 
 
@@ -265,8 +259,8 @@ def rmsnorm_backward(grad, x, rstd, weight, want_dx: bool, want_dw: bool):
     rows, grad_rows = _rows(x), _rows(grad)
     dx = torch.empty_like(rows) if want_dx else None
     dw = torch.empty(rows.shape[1], dtype=torch.float32) if want_dw else None
-    if library().qlorax_rmsnorm_backward(_ptr(grad_rows), _ptr(rows), _ptr(rstd.contiguous()), _ptr(weight.contiguous()),
-                                         _ptr(dx), _ptr(dw), *rows.shape):
+    tensors = (grad_rows, rows, rstd.contiguous(), weight.contiguous(), dx, dw)
+    if library().qlorax_rmsnorm_backward(*map(pointer, tensors), *rows.shape):
         raise MemoryError("RMSNorm backward: no memory for the weight gradient's partial sums")
     return (dx.reshape(x.shape) if want_dx else None), dw
 
@@ -286,8 +280,7 @@ def silu_mul_forward(silu_gate, gate, up, keep_int8: bool):
         (gq, gs), (uq, us) = kept
     else:
         gq = gs = uq = us = None
-    library().qlorax_silu_mul_forward(_ptr(s), _ptr(g), _ptr(u), _ptr(hidden), _ptr(gq), _ptr(gs), _ptr(uq), _ptr(us),
-                                      *g.shape)
+    library().qlorax_silu_mul_forward(*map(pointer, (s, g, u, hidden, gq, gs, uq, us)), *g.shape)
     return hidden.reshape(shape), kept
 
 
@@ -301,8 +294,8 @@ def _kept(gate, up):
 def _kept_pointers(gate, up):
     """Pointers for ``_kept``'s result: (gate, its scales or NULL, up, its scales or NULL)."""
     if isinstance(gate, tuple):
-        return _ptr(gate[0]), _ptr(gate[1]), _ptr(up[0]), _ptr(up[1])
-    return _ptr(gate), _ptr(None), _ptr(up), _ptr(None)
+        return pointer(gate[0]), pointer(gate[1]), pointer(up[0]), pointer(up[1])
+    return pointer(gate), pointer(None), pointer(up), pointer(None)
 
 
 def silu_mul_backward(grad, gate, up, want_gate: bool, want_up: bool):
@@ -312,7 +305,8 @@ def silu_mul_backward(grad, gate, up, want_gate: bool, want_up: bool):
     grad, (gate, up) = _rows(grad), _kept(gate, up)
     d_gate = torch.empty_like(grad) if want_gate else None
     d_up = torch.empty_like(grad) if want_up else None
-    library().qlorax_silu_mul_backward(_ptr(grad), *_kept_pointers(gate, up), _ptr(d_gate), _ptr(d_up), *grad.shape)
+    library().qlorax_silu_mul_backward(pointer(grad), *_kept_pointers(gate, up), pointer(d_gate), pointer(d_up),
+                                       *grad.shape)
     return d_gate, d_up
 
 
@@ -322,7 +316,7 @@ def silu_mul_recompute(gate, up, rows: int, width: int):
 
     gate, up = _kept(gate, up)
     hidden = torch.empty(rows, width, dtype=torch.bfloat16)
-    library().qlorax_silu_mul_recompute(*_kept_pointers(gate, up), _ptr(hidden), rows, width)
+    library().qlorax_silu_mul_recompute(*_kept_pointers(gate, up), pointer(hidden), rows, width)
     return hidden
 
 
@@ -332,5 +326,5 @@ def hashed_dropout(t, seed, threshold: int, scale: float):
 
     flat = t.contiguous()
     out = torch.empty_like(flat)
-    library().qlorax_hashed_dropout(_ptr(flat), _ptr(out), flat.numel(), int(seed), int(threshold), float(scale))
+    library().qlorax_hashed_dropout(pointer(flat), pointer(out), flat.numel(), int(seed), int(threshold), float(scale))
     return out.view(t.shape)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 
+from qlorax.engine.quant.native import pointer
+
 INCLUDES = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -58,11 +60,8 @@ void qlorax_lora_forward(const uint16_t* x, const uint16_t* base, const uint16_t
         }
         float m[MAXR];
         for (int64_t j = 0; j < r; ++j) {
-            union { uint32_t u; float f; } v;
-            v.f = _mm512_reduce_add_ps(acc[j]) * scaling;
-            middle[t * r + j] = (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);   /* to bf16, nearest even */
-            v.u = (uint32_t)middle[t * r + j] << 16;
-            m[j] = v.f;
+            middle[t * r + j] = float_to_bf16(_mm512_reduce_add_ps(acc[j]) * scaling);
+            m[j] = bf16_to_float(middle[t * r + j]);
         }
         for (int64_t n = 0; n < N; n += 16) {
             __m512 o = load_bf16(base + t * N + n);
@@ -95,7 +94,7 @@ int qlorax_lora_backward(const uint16_t* grad, const uint16_t* x, const uint16_t
             for (int64_t i = 0; i < rows; ++i)
                 for (int64_t j = 0; j < r; ++j) {
                     dots[i][j] = _mm512_setzero_ps();
-                    union { uint32_t u; float f; } v; v.u = (uint32_t)middle[(t0 + i) * r + j] << 16; mid[i][j] = v.f;
+                    mid[i][j] = bf16_to_float(middle[(t0 + i) * r + j]);
                 }
             /* grad's tile, NC columns at a time (B's columns stay in L1): gm's dot products, then dB^T's sums */
             for (int64_t n0 = 0; n0 < N; n0 += NC) {
@@ -178,10 +177,10 @@ def library():
                                 "native LoRA kernels unavailable; the LoRA path runs as torch ops")
     if lib is None:
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.qlorax_lora_forward.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_float] * 2
+    address, size = ctypes.c_void_p, ctypes.c_int64
+    lib.qlorax_lora_forward.argtypes = [address] * 6 + [size] * 6 + [ctypes.c_float] * 2
     lib.qlorax_lora_forward.restype = None
-    lib.qlorax_lora_backward.argtypes = [pointer] * 8 + [size] * 6 + [ctypes.c_float] * 2
+    lib.qlorax_lora_backward.argtypes = [address] * 8 + [size] * 6 + [ctypes.c_float] * 2
     lib.qlorax_lora_backward.restype = ctypes.c_int
     return lib
 
@@ -193,11 +192,6 @@ def usable(x, base, rank: int) -> bool:
     return (x.dtype == torch.bfloat16 and base.dtype == torch.bfloat16 and x.shape[-1] % 32 == 0
             and base.shape[-1] % 32 == 0 and 0 < rank <= MAX_RANK and library() is not None)
 
-
-def _ptr(t):
-    import ctypes
-
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
 
 
 def forward(x, base, a, b, scaling: float, seed: int, threshold: int, drop_scale: float):
@@ -211,9 +205,8 @@ def forward(x, base, a, b, scaling: float, seed: int, threshold: int, drop_scale
     bt = b.to(torch.bfloat16).float().t().contiguous()
     middle = torch.empty(x.shape[0], rank, dtype=torch.bfloat16)
     out = torch.empty_like(base)
-    library().qlorax_lora_forward(_ptr(x), _ptr(base), _ptr(a16), _ptr(bt), _ptr(middle), _ptr(out), x.shape[0],
-                                  x.shape[1], base.shape[1], rank, int(seed), int(threshold), float(drop_scale),
-                                  float(scaling))
+    library().qlorax_lora_forward(*map(pointer, (x, base, a16, bt, middle, out)), x.shape[0], x.shape[1], base.shape[1],
+                                  rank, int(seed), int(threshold), float(drop_scale), float(scaling))
     return out, middle
 
 
@@ -230,8 +223,7 @@ def backward(grad, x, middle, a, b, scaling: float, seed: int, threshold: int, d
     grad_x = torch.empty(rows, cols, dtype=torch.bfloat16) if want_x else None
     grad_a = torch.empty(rank, cols, dtype=torch.float32) if want_a else None
     grad_bt = torch.empty(rank, outs, dtype=torch.float32) if want_b else None
-    if library().qlorax_lora_backward(_ptr(grad), _ptr(x), _ptr(middle), _ptr(a16), _ptr(bt16), _ptr(grad_x),
-                                      _ptr(grad_a), _ptr(grad_bt), rows, cols, outs, rank, int(seed), int(threshold),
-                                      float(drop_scale), float(scaling)):
+    if library().qlorax_lora_backward(*map(pointer, (grad, x, middle, a16, bt16, grad_x, grad_a, grad_bt)), rows, cols,
+                                      outs, rank, int(seed), int(threshold), float(drop_scale), float(scaling)):
         raise MemoryError(f"native LoRA backward: no memory for the threads' {rank} x {cols + outs} sums")
     return grad_x, grad_a, None if grad_bt is None else grad_bt.t()

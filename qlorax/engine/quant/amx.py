@@ -25,6 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from qlorax.engine.quant.native import pointer
+
 log = logging.getLogger("qlorax")
 
 INCLUDES = r"""
@@ -153,15 +155,15 @@ static inline __attribute__((always_inline)) void tile_product(const int8_t* a0,
 
 /* Forward y [M, N] (bf16) = (xq @ W.T) * row_scale[m] * col_scale[n], output columns [n0, n1) (multiples of 16).
    W [N, K] int8 row-major is the A operand as it lies; xq comes "vnni" with Mp (M rounded up to 16) rows. The
-   tile product is y's transpose, turned in the epilogue. K a multiple of 64. */
+   tile product is y's transpose, turned in the epilogue. xq's rows go `chunk` at a time (``chunk_rows``), each
+   panel of W serving a whole chunk. K a multiple of 64. */
 static void forward_columns(const weight_t* W, const int8_t* xq, const float* row_scale, const float* col_scale,
-                            uint16_t* y, int8_t* panel, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+                            uint16_t* y, int8_t* panel, int64_t M, int64_t N, int64_t K, int64_t chunk, int64_t n0,
+                            int64_t n1) {
     configure();
     const int64_t Mp = (M + 15) / 16 * 16;
     int32_t c[4][256] __attribute__((aligned(64)));
     const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15,14,13,12,11,10,9,8,7,6,5,4,3,2,1,0), _mm512_set1_epi32(16));
-    int64_t chunk = (512 * 1024 / K) / 32 * 32;   /* rows of xq per L2-sized chunk */
-    if (chunk < 32) chunk = 32;
     for (int64_t mc = 0; mc < Mp; mc += chunk)
     for (int64_t n = n0; n < n1; n += 32) {
         const int two_n = n + 32 <= n1;
@@ -251,6 +253,17 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
     }
     _tile_release();
 }
+/* This thread's scratch buffer of at least `bytes` (a multiple of 64), kept across calls and grown as needed (*buffer
+   and *capacity: the caller's static __thread pair); NULL where memory ran out. */
+static int8_t* thread_buffer(int8_t** buffer, int64_t* capacity, int64_t bytes) {
+    if (*capacity < bytes) {
+        free(*buffer);
+        *buffer = (int8_t*)aligned_alloc(64, bytes);
+        *capacity = *buffer ? bytes : 0;
+    }
+    return *buffer;
+}
+
 /* The threads' share of [0, units): contiguous, as even as can be. */
 static void share(int64_t units, int64_t* lo, int64_t* hi) {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -261,22 +274,20 @@ static void share(int64_t units, int64_t* lo, int64_t* hi) {
 /* y [M, N] = forward_columns over all of N, split in 32-column blocks over torch's OpenMP threads (the same
    runtime and threads as torch's own ops: a second pool would compete with their spinning workers). */
 int qlorax_amx_forward(const int8_t* w, const uint8_t* packed, const uint8_t* mult, const int8_t* xq,
-                       const float* row_scale, const float* col_scale, uint16_t* y, int64_t M, int64_t N, int64_t K) {
+                       const float* row_scale, const float* col_scale, uint16_t* y, int64_t M, int64_t N, int64_t K,
+                       int64_t chunk) {
     const weight_t W = {w, packed, mult, K};
     int failed = 0;
     #pragma omp parallel reduction(|: failed)
     {
-        static __thread int8_t* panel = NULL;   /* an int4-stored weight's 32 unpacked rows */
+        static __thread int8_t* buffer = NULL;   /* an int4-stored weight's 32 unpacked rows */
         static __thread int64_t capacity = 0;
+        int8_t* panel = packed ? thread_buffer(&buffer, &capacity, 32 * K) : NULL;
         int64_t lo, hi;
         share((N + 31) / 32, &lo, &hi);
-        if (packed && capacity < 32 * K) {
-            free(panel);
-            panel = (int8_t*)aligned_alloc(64, 32 * K);
-            capacity = panel ? 32 * K : 0;
-        }
         if (lo < hi && packed && !panel) failed = 1;
-        else if (lo < hi) forward_columns(&W, xq, row_scale, col_scale, y, panel, M, N, K, lo * 32, hi * 32 < N ? hi * 32 : N);
+        else if (lo < hi) forward_columns(&W, xq, row_scale, col_scale, y, panel, M, N, K, chunk, lo * 32,
+                                          hi * 32 < N ? hi * 32 : N);
     }
     return failed;   /* 1: a panel buffer could not be allocated */
 }
@@ -288,15 +299,11 @@ int qlorax_amx_backward(const int8_t* w, const uint8_t* packed, const uint8_t* m
     int failed = 0;
     #pragma omp parallel reduction(|: failed)
     {
-        static __thread int8_t* strip = NULL;
+        static __thread int8_t* buffer = NULL;
         static __thread int64_t capacity = 0;
+        int8_t* strip = thread_buffer(&buffer, &capacity, N * KC);
         int64_t lo, hi;
         share((K + 31) / 32, &lo, &hi);
-        if (capacity < N * KC) {
-            free(strip);
-            strip = (int8_t*)aligned_alloc(64, N * KC);
-            capacity = strip ? N * KC : 0;
-        }
         if (lo < hi && !strip) failed = 1;
         else if (lo < hi) backward_columns(&W, gq, row_scale, col_scale, dx, strip, M, N, K, lo * 32, hi * 32 < K ? hi * 32 : K);
     }
@@ -318,12 +325,12 @@ def library():
                             "through torch._int_mm")
     if lib is None:
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.qlorax_quantize_rows.argtypes = [pointer] * 4 + [size] * 2 + [ctypes.c_int]
+    address, size = ctypes.c_void_p, ctypes.c_int64
+    lib.qlorax_quantize_rows.argtypes = [address] * 4 + [size] * 2 + [ctypes.c_int]
     lib.qlorax_quantize_rows.restype = None
-    lib.qlorax_amx_forward.argtypes = [pointer] * 7 + [size] * 3
+    lib.qlorax_amx_forward.argtypes = [address] * 7 + [size] * 4
     lib.qlorax_amx_forward.restype = ctypes.c_int
-    lib.qlorax_amx_backward.argtypes = [pointer] * 7 + [size] * 3
+    lib.qlorax_amx_backward.argtypes = [address] * 7 + [size] * 3
     lib.qlorax_amx_backward.restype = ctypes.c_int
     return lib
 
@@ -350,11 +357,6 @@ def usable(in_features: int, out_features: int, x) -> bool:
             and library() is not None)
 
 
-def _ptr(t):
-    import ctypes
-
-    return ctypes.c_void_p(t.data_ptr())
-
 
 def quantize_rows(x, col_scale, vnni: bool):
     """``int8.quantize_rows`` of bf16 ``x`` [M, K] in the kernels' layouts: (int8 rows padded to a multiple of 16,
@@ -368,17 +370,15 @@ def quantize_rows(x, col_scale, vnni: bool):
         out[(padded - 16) * cols:].zero_()
     scale = torch.empty(rows, 1, dtype=torch.float32)
     x, col_scale = x.contiguous(), col_scale.contiguous()
-    library().qlorax_quantize_rows(_ptr(x), _ptr(col_scale), _ptr(out), _ptr(scale), rows, cols, int(vnni))
+    library().qlorax_quantize_rows(pointer(x), pointer(col_scale), pointer(out), pointer(scale), rows, cols, int(vnni))
     return out, scale
 
 
 def _weight(weight, group_mult):
     """(int8 weight, int4 packed, multipliers) pointers: int8 [N, K] as is, or int4-stored when ``group_mult``."""
-    import ctypes
-
     if group_mult is None:
-        return _ptr(weight), None, None
-    return ctypes.c_void_p(None), _ptr(weight), _ptr(group_mult)
+        return pointer(weight), None, None
+    return pointer(None), pointer(weight), pointer(group_mult)
 
 
 def forward(x, weight, inv_smooth, weight_scale, group_mult=None):
@@ -390,17 +390,23 @@ def forward(x, weight, inv_smooth, weight_scale, group_mult=None):
     rows, cols = x.shape
     q, row_scale = quantize_rows(x, inv_smooth, vnni=True)
     y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
-    if library().qlorax_amx_forward(*_weight(weight, group_mult), _ptr(q), _ptr(row_scale), _ptr(weight_scale), _ptr(y),
-                                    rows, weight.shape[0], cols):
+    if library().qlorax_amx_forward(*_weight(weight, group_mult), *map(pointer, (q, row_scale, weight_scale, y)), rows,
+                                    weight.shape[0], cols, chunk_rows(cols)):
         raise MemoryError(f"AMX int8 forward: no memory for a 32 x {cols} panel buffer")
     return y
 
 
+def chunk_rows(cols: int) -> int:
+    """The forward's rows of x per L2-sized chunk (512 KiB of int8 rows, at least 32): every weight panel serves one
+    chunk's rows, read from L2, before the kernel moves on to the next chunk."""
+    return max(32, (512 * 1024 // cols) // 32 * 32)
+
+
 def unpacks_inside(rows: int, cols: int) -> bool:
-    """An int4-stored weight's forward for ``rows`` of x unpacks its panels inside the kernel: where x fits the
-    kernel's one L2-sized chunk (each panel is then unpacked once; with more chunks, once per chunk, and unpacking
-    the whole weight first measured faster)."""
-    return -(-rows // 16) * 16 <= max(32, (512 * 1024 // cols) // 32 * 32)
+    """An int4-stored weight's forward for ``rows`` of x unpacks its panels inside the kernel: where x fits one chunk
+    (``chunk_rows``: each panel is then unpacked once; with more chunks, once per chunk, and unpacking the whole weight
+    first measured faster)."""
+    return -(-rows // 16) * 16 <= chunk_rows(cols)
 
 
 def backward(grad, weight, weight_scale, inv_smooth, group_mult=None):
@@ -413,7 +419,7 @@ def backward(grad, weight, weight_scale, inv_smooth, group_mult=None):
     cols = weight.shape[1] * (2 if group_mult is not None else 1)
     q, row_scale = quantize_rows(grad, weight_scale, vnni=False)
     dx = torch.empty(rows, cols, dtype=torch.bfloat16)
-    if library().qlorax_amx_backward(*_weight(weight, group_mult), _ptr(q), _ptr(row_scale), _ptr(inv_smooth), _ptr(dx),
-                                     rows, outs, cols):
+    if library().qlorax_amx_backward(*_weight(weight, group_mult), *map(pointer, (q, row_scale, inv_smooth, dx)), rows,
+                                     outs, cols):
         raise MemoryError(f"AMX int8 backward: no memory for a {outs} x {KC} strip buffer")
     return dx

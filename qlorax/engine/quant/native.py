@@ -110,14 +110,20 @@ void qlorax_dequant4_bf16(const uint8_t* packed, const float* absmax, const floa
 }
 #endif
 """
-# bf16 <-> fp32, a vectorized exp and LoRA dropout's hash for the AVX-512 (BF16) sources (``amx``, ``lean_native``,
-# ``attention``, ``lora_native``), which put it after their includes: 16 bf16 values as fp32, fp32 back to bf16 rounded
-# to nearest even (as torch rounds), exp(x) to ~1e-7 relative, and 16 dropout keep bits.
+# bf16 <-> fp32 (16 values, or one), a vectorized exp and LoRA dropout's hash for the AVX-512 (BF16) sources
+# (``amx``, ``lean_native``, ``attention``, ``lora_native``), which put it after their includes: bf16 values as fp32,
+# fp32 back to bf16 rounded to nearest even (as torch rounds), exp(x) to ~1e-7 relative, and 16 dropout keep bits.
 BF16_HELPERS = r"""
 static inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 static inline __m512 load_bf16(const uint16_t* p) { return bf16_to_ps(_mm256_loadu_si256((const __m256i*)p)); }
 static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 static inline void store_bf16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+static inline float bf16_to_float(uint16_t h) { union { uint32_t u; float f; } v; v.u = (uint32_t)h << 16; return v.f; }
+static inline uint16_t float_to_bf16(float f) {   /* nearest even, one value */
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
 /* exp(x), x clamped to [-87, 88]: 2^n p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree 6 (relative error ~1e-7). */
 static inline __m512 exp_ps(__m512 x) {
     x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
@@ -182,10 +188,18 @@ def library():
     return lib
 
 
+def pointer(t):
+    """A tensor's data pointer for a ctypes call (NULL for None)."""
+    import ctypes
+
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
 def load_extension(source: str, stem: str, required_flags: set[str], unavailable: str):
-    """Another kernel source's library (``amx``, ``lean_native``, ``attention``, ``lora_native``): built like ``library()``'s, with ``BF16_HELPERS``
-    after its includes (``source`` is (includes, body)); None, with a warning saying ``unavailable``, where the CPU
-    lacks ``required_flags``, native kernels are off or unbuildable, or this source does not build."""
+    """Another kernel source's library (``amx``, ``lean_native``, ``attention``, ``lora_native``): built like
+    ``library()``'s, with ``BF16_HELPERS`` after its includes (``source`` is (includes, body)); None, with a warning
+    saying ``unavailable``, where the CPU lacks ``required_flags``, native kernels are off or unbuildable, or this
+    source does not build."""
     import ctypes
 
     if not required_flags <= set(_cpu_flags().split()) or library() is None:
