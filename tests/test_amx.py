@@ -7,7 +7,9 @@ import torch
 from qlorax.engine.quant import amx, int8
 
 pytestmark = pytest.mark.skipif(amx.library() is None, reason="no AMX-INT8 on this CPU (or the kernels did not build)")
-SHAPES = [(1, 64, 64), (37, 320, 192), (300, 256, 2048), (64, 5632, 128)]   # rows M, outputs N, inputs K
+# rows M, outputs N, inputs K: 1100 x 2048 rows of x go in two chunks (``chunk_rows``); 192 inputs on 2 threads start
+# the second thread's strip off a 64-column boundary; 256 and 5632 outputs take 256- and 128-column strips
+SHAPES = [(1, 64, 64), (37, 320, 192), (300, 256, 2048), (64, 5632, 128), (1100, 64, 2048)]
 
 
 def _plain(q, rows, cols, vnni):
@@ -74,6 +76,14 @@ def test_int8_linear_runs_the_tile_kernels_and_agrees_with_int_mm(storage, monke
     assert calls == ["forward", "backward"]   # the reference layer never reached them
     for got, want in zip(*outs):   # the quantizers may round a half differently: one bf16 step at most
         assert (got - want).abs().max() <= want.abs().max() * 2 ** -7
+
+
+def test_chunks_and_strips_are_sized_to_l2():
+    assert amx.chunk_rows(256, 5632) == 256 and amx.unpacks_inside(256, 5632)   # 1.4 MiB: one chunk
+    assert amx.chunk_rows(1024, 2048) == 512 and not amx.unpacks_inside(1024, 2048)
+    assert amx.chunk_rows(1100, 2048) == 576   # two even chunks, not 736 + 368
+    assert amx.chunk_rows(1, 64) == 32
+    assert amx.strip_columns(2048) == 256 and amx.strip_columns(5632) == 128
 
 
 def test_layers_the_tiles_cannot_take_fall_back_to_int_mm(monkeypatch):

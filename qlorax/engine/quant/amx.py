@@ -8,10 +8,11 @@ takes the weight as it lies:
 
 - forward ``y = x @ W.T``: W's rows are the tile product's A operand as stored (16 rows x 64 bytes per tile load,
   no reorder); x is quantized straight into the B operand's layout (4 consecutive columns of 16 rows per 64-byte
-  row); the product is y's transpose, turned back in registers in the epilogue, which applies both scales and writes bf16.
+  row); the product is y's transpose, turned back in registers in the epilogue, which applies both scales and
+  writes bf16.
 - input gradient ``dx = dy @ W``: dy is quantized as plain rows (the A operand); W's columns are turned into the B
-  operand (4 rows interleaved byte by byte) one L2-sized strip of 128 columns at a time, and each strip serves
-  every row block of dy. An int4-stored weight is unpacked straight into the strips.
+  operand (4 rows interleaved byte by byte) one L2-sized strip of 128 or 256 columns at a time (``strip_columns``),
+  and each strip serves every row block of dy. An int4-stored weight is unpacked straight into the strips.
 
 Both split their output columns over torch's own OpenMP threads (see ``native.FLAGS``). The quantizer is
 ``int8.quantize_rows`` in C: the same rounding (nearest even) and the same fp32 operations, so the int8 rows
@@ -54,7 +55,6 @@ static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (16 x 16
 }
 """
 SOURCE = r"""
-#define KC 128   /* backward: columns per strip */
 
 /* The rows of x [M, K] (bf16, split over the threads) times col_scale [K] as int8 with one fp32 scale per row (max|row| -> 127,
    rounded to nearest even), written "vnni" (rows in blocks of 16: [M/16][K/4][16][4], the B operand of a tile
@@ -97,16 +97,34 @@ void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out
    unpacked once per chunk, and ``native``'s whole-weight unpack first measured faster). */
 typedef struct { const int8_t* w; const uint8_t* packed; const uint8_t* mult; int64_t K; } weight_t;
 
-/* Row r's 16 int8 weights at columns [k, k + 16) (k a multiple of 16). */
+/* An int4 group's 16 possible int8 values, (nibble - 8) * multiplier, for each multiplier (int8.MULT_MAX = 18 at
+   most; 31 leaves room), repeated in each 128-bit lane: the lookup table of ``load64``'s shuffle. */
+static int8_t TABLES[32][64] __attribute__((aligned(64)));
+__attribute__((constructor)) static void fill_tables(void) {
+    for (int m = 0; m < 32; ++m)
+        for (int i = 0; i < 64; ++i) {
+            const int v = ((i & 15) - 8) * m;
+            TABLES[m][i] = (int8_t)(v < -128 ? -128 : v > 127 ? 127 : v);
+        }
+}
+
+/* Row r's 64 int8 weights at columns [k, k + 64) (k a multiple of 64: one int4 group). int4-stored: each packed byte
+   widened to 16 bits, its high nibble shifted into the high byte and both masked (one ternary op), leaves the 64
+   nibbles in order as bytes; one in-lane shuffle looks them up in the group's table (6 instructions per 64 weights,
+   where multiplying in 16-bit lanes took 11). */
+static inline __m512i load64(const weight_t* W, int64_t r, int64_t k) {
+    if (!W->packed) return _mm512_loadu_si512((const void*)(W->w + r * W->K + k));
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(W->packed + r * (W->K / 2) + k / 2)));
+    const __m512i nibbles = _mm512_ternarylogic_epi32(b, _mm512_slli_epi16(b, 4), _mm512_set1_epi16(0x0F0F), 0xA8);
+    return _mm512_shuffle_epi8(_mm512_load_si512(TABLES[W->mult[r * (W->K / 64) + k / 64] & 31]), nibbles);
+}
+
+/* Row r's 16 int8 weights at columns [k, k + 16) (k a multiple of 16): the strips' unaligned edges. */
 static inline __m128i load16(const weight_t* W, int64_t r, int64_t k) {
     if (!W->packed) return _mm_loadu_si128((const __m128i*)(W->w + r * W->K + k));
-    const __m128i b = _mm_loadl_epi64((const __m128i*)(W->packed + r * (W->K / 2) + k / 2));
-    const __m128i low4 = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    const __m128i nibbles = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), _mm_set1_epi8(8));
-    const __m128i m = _mm_set1_epi16((int16_t)W->mult[r * (W->K / 64) + k / 64]);
-    return _mm_packs_epi16(_mm_mullo_epi16(_mm_cvtepi8_epi16(nibbles), m),
-                           _mm_mullo_epi16(_mm_cvtepi8_epi16(_mm_srli_si128(nibbles, 8)), m));
+    int8_t group[64] __attribute__((aligned(64)));
+    _mm512_store_si512((void*)group, load64(W, r, k / 64 * 64));
+    return _mm_load_si128((const __m128i*)(group + k % 64));
 }
 
 /* Rows 4g .. 4g + 3 of W at columns [k, k + 16) interleaved byte by byte: 64 bytes of a strip (k a multiple of 16). */
@@ -119,16 +137,6 @@ static inline void pack16(const weight_t* W, int64_t g, int64_t k, int8_t* o) {
     _mm_storeu_si128((__m128i*)(o + 16), _mm_unpackhi_epi16(p01l, p23l));
     _mm_storeu_si128((__m128i*)(o + 32), _mm_unpacklo_epi16(p01h, p23h));
     _mm_storeu_si128((__m128i*)(o + 48), _mm_unpackhi_epi16(p01h, p23h));
-}
-
-/* Row r's 64 int8 weights at columns [k, k + 64) (k a multiple of 64: one int4 group). */
-static inline __m512i load64(const weight_t* W, int64_t r, int64_t k) {
-    if (!W->packed) return _mm512_loadu_si512((const void*)(W->w + r * W->K + k));
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(W->packed + r * (W->K / 2) + k / 2)));
-    const __m512i m = _mm512_set1_epi16((int16_t)W->mult[r * (W->K / 64) + k / 64]), eight = _mm512_set1_epi16(8);
-    const __m512i lo = _mm512_mullo_epi16(_mm512_sub_epi16(_mm512_and_si512(b, _mm512_set1_epi16(15)), eight), m);
-    const __m512i hi = _mm512_mullo_epi16(_mm512_sub_epi16(_mm512_srli_epi16(b, 4), eight), m);
-    return _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi16(255)), _mm512_slli_epi16(hi, 8));   /* lo, hi bytes */
 }
 
 /* The 2 x 2 tile product both kernels run: C tiles 0-3 (A row block 0 or 1 times B column block 0 or 1, stored to
@@ -185,8 +193,8 @@ static inline void transpose16(const int32_t* c, __m512i out[16]) {
 
 /* Forward y [M, N] (bf16) = (xq @ W.T) * row_scale[m] * col_scale[n], output columns [n0, n1) (multiples of 16).
    W [N, K] int8 row-major is the A operand as it lies; xq comes "vnni" with Mp (M rounded up to 16) rows. The
-   tile product is y's transpose, turned in the epilogue (``transpose16``). xq's rows go `chunk` at a time (``chunk_rows``), each
-   panel of W serving a whole chunk. K a multiple of 64. */
+   tile product is y's transpose, turned in the epilogue (``transpose16``). xq's rows go `chunk` at a time
+   (``chunk_rows``), each panel of W serving a whole chunk. K a multiple of 64. */
 static void forward_columns(const weight_t* W, const int8_t* xq, const float* row_scale, const float* col_scale,
                             uint16_t* y, int8_t* panel, int64_t M, int64_t N, int64_t K, int64_t chunk, int64_t n0,
                             int64_t n1) {
@@ -216,7 +224,8 @@ static void forward_columns(const weight_t* W, const int8_t* xq, const float* ro
                 __m512i col[16];
                 transpose16(c[t], col);
                 for (int j = 0; j < 16 && mb + j < M; ++j) {   /* col[j][r] = y[mb + j][nb + r] */
-                    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(col[j]), _mm512_set1_ps(row_scale[mb + j])), cs);
+                    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(col[j]),
+                                                                 _mm512_set1_ps(row_scale[mb + j])), cs);
                     store_bf16(y + (mb + j) * N + nb, v);
                 }
             }
@@ -227,15 +236,16 @@ static void forward_columns(const weight_t* W, const int8_t* xq, const float* ro
 
 /* Input gradient dx [M, K] (bf16) = (gq @ W) * row_scale[m] * col_scale[k], output columns [k0, k1) (multiples
    of 16). gq [Mp, N] int8 "plain" is the A operand; W's column strip is turned into the B operand (4 rows
-   interleaved byte by byte: a 4 x 4 byte transpose of 64-column register rows) once per KC columns, in strip
-   (N * KC bytes), and serves every row block. N a multiple of 64. */
+   interleaved byte by byte: a 4 x 4 byte transpose of 64-column register rows) once per `kc_max` columns
+   (``strip_columns``), in strip (N * kc_max bytes), and serves every row block. N a multiple of 64. */
 static void backward_columns(const weight_t* W, const int8_t* gq, const float* row_scale, const float* col_scale,
-                             uint16_t* dx, int8_t* strip, int64_t M, int64_t N, int64_t K, int64_t k0, int64_t k1) {
+                             uint16_t* dx, int8_t* strip, int64_t M, int64_t N, int64_t K, int64_t kc_max,
+                             int64_t k0, int64_t k1) {
     configure();
     const int64_t Mp = (M + 15) / 16 * 16;
     int32_t c[4][256] __attribute__((aligned(64)));
-    for (int64_t kc = k0; kc < k1; kc += KC) {
-        const int64_t width = kc + KC <= k1 ? KC : k1 - kc;   /* a multiple of 16 */
+    for (int64_t kc = k0; kc < k1; kc += kc_max) {
+        const int64_t width = kc + kc_max <= k1 ? kc_max : k1 - kc;   /* a multiple of 16 */
         /* strip [N/4][width][4]: strip[g][j][i] = W[4g + i][kc + j] */
         for (int64_t g = 0; g < N / 4; ++g) {
             int64_t h = 0;
@@ -324,18 +334,20 @@ int qlorax_amx_forward(const int8_t* w, const uint8_t* packed, const uint8_t* mu
 
 /* dx [M, K] = backward_columns over all of K, split likewise; each thread turns its strips in its own buffer. */
 int qlorax_amx_backward(const int8_t* w, const uint8_t* packed, const uint8_t* mult, const int8_t* gq,
-                        const float* row_scale, const float* col_scale, uint16_t* dx, int64_t M, int64_t N, int64_t K) {
+                        const float* row_scale, const float* col_scale, uint16_t* dx, int64_t M, int64_t N, int64_t K,
+                        int64_t kc_max) {
     const weight_t W = {w, packed, mult, K};
     int failed = 0;
     #pragma omp parallel reduction(|: failed)
     {
         static __thread int8_t* buffer = NULL;
         static __thread int64_t capacity = 0;
-        int8_t* strip = thread_buffer(&buffer, &capacity, N * KC);
+        int8_t* strip = thread_buffer(&buffer, &capacity, N * kc_max);
         int64_t lo, hi;
         share((K + 31) / 32, &lo, &hi);
         if (lo < hi && !strip) failed = 1;
-        else if (lo < hi) backward_columns(&W, gq, row_scale, col_scale, dx, strip, M, N, K, lo * 32, hi * 32 < K ? hi * 32 : K);
+        else if (lo < hi) backward_columns(&W, gq, row_scale, col_scale, dx, strip, M, N, K, kc_max, lo * 32,
+                                           hi * 32 < K ? hi * 32 : K);
     }
     return failed;   /* 1: a strip buffer could not be allocated */
 }
@@ -343,7 +355,6 @@ int qlorax_amx_backward(const int8_t* w, const uint8_t* packed, const uint8_t* m
 }
 #endif
 """
-KC = 128            # backward: W columns per strip (the C source's KC)
 
 
 @functools.cache
@@ -360,7 +371,7 @@ def library():
     lib.qlorax_quantize_rows.restype = None
     lib.qlorax_amx_forward.argtypes = [address] * 7 + [size] * 4
     lib.qlorax_amx_forward.restype = ctypes.c_int
-    lib.qlorax_amx_backward.argtypes = [address] * 7 + [size] * 3
+    lib.qlorax_amx_backward.argtypes = [address] * 7 + [size] * 4
     lib.qlorax_amx_backward.restype = ctypes.c_int
     return lib
 
@@ -421,22 +432,41 @@ def forward(x, weight, inv_smooth, weight_scale, group_mult=None):
     q, row_scale = quantize_rows(x, inv_smooth, vnni=True)
     y = torch.empty(rows, weight.shape[0], dtype=torch.bfloat16)
     if library().qlorax_amx_forward(*_weight(weight, group_mult), *map(pointer, (q, row_scale, weight_scale, y)), rows,
-                                    weight.shape[0], cols, chunk_rows(cols)):
+                                    weight.shape[0], cols, chunk_rows(rows, cols)):
         raise MemoryError(f"AMX int8 forward: no memory for a 32 x {cols} panel buffer")
     return y
 
 
-def chunk_rows(cols: int) -> int:
-    """The forward's rows of x per L2-sized chunk (512 KiB of int8 rows, at least 32): every weight panel serves one
-    chunk's rows, read from L2, before the kernel moves on to the next chunk."""
-    return max(32, (512 * 1024 // cols) // 32 * 32)
+CHUNK_BYTES = 1536 * 1024   # the forward's int8 rows of x per chunk: most of a 2 MiB L2, the weight panel besides
+STRIP_BYTES = 768 * 1024    # the backward's strip of W columns (N x width): at most this where 128 columns fit
+
+
+def _max_chunk(cols: int) -> int:
+    return max(32, CHUNK_BYTES // cols // 32 * 32)
+
+
+def chunk_rows(rows: int, cols: int) -> int:
+    """The forward's rows of x per chunk: every weight panel serves one chunk's rows, read from L2, before the kernel
+    moves on to the next chunk. The chunks are at most ``CHUNK_BYTES`` of int8 rows and as even as can be (multiples
+    of 32). On 2 cores of the AMX machine (22 weights, 256 rows x 5632 -> 2048, s per 22): 64 rows 43 ms, 128 38 ms,
+    256 36 ms; 1024 x 2048 -> 5632: 256 rows 145 ms, 512 142 ms."""
+    padded = -(-rows // 16) * 16
+    chunks = -(-padded // _max_chunk(cols))
+    return -(-padded // chunks // 32) * 32
 
 
 def unpacks_inside(rows: int, cols: int) -> bool:
     """An int4-stored weight's forward for ``rows`` of x unpacks its panels inside the kernel: where x fits one chunk
     (``chunk_rows``: each panel is then unpacked once; with more chunks, once per chunk, and unpacking the whole weight
-    first measured faster)."""
-    return -(-rows // 16) * 16 <= chunk_rows(cols)
+    first measured as fast or faster)."""
+    return -(-rows // 16) * 16 <= _max_chunk(cols)
+
+
+def strip_columns(outs: int) -> int:
+    """The backward's W columns per strip for a weight of ``outs`` rows: 256 where that strip fits ``STRIP_BYTES``,
+    else 128 (2 cores, 22 weights, 1024 rows: 2048-row weights 170 -> 152 ms with 256; 5632-row weights 160 against
+    179 ms with 128)."""
+    return 256 if outs * 256 <= STRIP_BYTES else 128
 
 
 def backward(grad, weight, weight_scale, inv_smooth, group_mult=None):
@@ -449,7 +479,8 @@ def backward(grad, weight, weight_scale, inv_smooth, group_mult=None):
     cols = weight.shape[1] * (2 if group_mult is not None else 1)
     q, row_scale = quantize_rows(grad, weight_scale, vnni=False)
     dx = torch.empty(rows, cols, dtype=torch.bfloat16)
+    width = strip_columns(outs)
     if library().qlorax_amx_backward(*_weight(weight, group_mult), *map(pointer, (q, row_scale, inv_smooth, dx)), rows,
-                                     outs, cols):
-        raise MemoryError(f"AMX int8 backward: no memory for a {outs} x {KC} strip buffer")
+                                     outs, cols, width):
+        raise MemoryError(f"AMX int8 backward: no memory for a {outs} x {width} strip buffer")
     return dx
