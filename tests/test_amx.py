@@ -86,6 +86,18 @@ def test_chunks_and_strips_are_sized_to_l2():
     assert amx.strip_columns(2048) == 256 and amx.strip_columns(5632) == 128
 
 
+def test_the_tile_path_builds_no_compiled_kernels(monkeypatch):
+    """With the tile kernels (and the native unpack), torch.compile's quantizers are never built: not for the MLP's
+    int8 rows codec, not for an int4 weight's whole unpack (rows of x in more than one chunk)."""
+    monkeypatch.setattr(int8, "_fused", lambda: pytest.fail("torch.compile'd quantizers were built"))
+    int8.row_codec(True)
+    layer = int8.make_int8_linear(torch.randn(320, 256) * 0.02, storage="int4")
+    x = torch.randn(6200, 256, dtype=torch.bfloat16, requires_grad=True)
+    assert not amx.unpacks_inside(*x.shape)
+    layer(x).sum().backward()
+    assert x.grad.abs().max() > 0
+
+
 def test_layers_the_tiles_cannot_take_fall_back_to_int_mm(monkeypatch):
     monkeypatch.setattr(amx, "forward", lambda *a: pytest.fail("K = 96 is not a multiple of 64"))
     layer = int8.make_int8_linear(torch.randn(64, 96) * 0.02)

@@ -130,6 +130,11 @@ def _fused():
     return quantize, epilogue, unpack, dequantize
 
 
+def compiles() -> bool:
+    """torch.compile builds the fused quantizers here (compiling them now, once)."""
+    return _fused() is not None
+
+
 def kernels(fuse: bool):
     """(quantize_rows, scale_accumulator, unpack_int4): fast where ``fuse`` is on and they build, else eager.
 
@@ -145,16 +150,29 @@ def kernels(fuse: bool):
 def _fast_kernels():
     from qlorax.engine.quant import native
 
-    quantize, epilogue, unpack, _ = _fused() or (quantize_rows, scale_accumulator, unpack_int4, None)
-    return quantize, epilogue, native.unpack_int4 if native.library() is not None else unpack
+    return (_compiled_on_first_call(0, quantize_rows), _compiled_on_first_call(1, scale_accumulator),
+            native.unpack_int4 if native.library() is not None else _compiled_on_first_call(2, unpack_int4))
+
+
+def _compiled_on_first_call(index: int, eager):
+    """``eager`` run as ``_fused()``'s compiled version where that builds, compiling only when first called: where
+    the AMX and native kernels do this work, nothing is compiled (importing and running inductor cost ~110 MiB of
+    peak RSS and seconds of start-up)."""
+    def call(*args):
+        fused = _fused()
+        return (fused[index] if fused is not None else eager)(*args)
+
+    call.__name__ = call.__qualname__ = f"compiled_{eager.__name__}"
+    return call
 
 
 def row_codec(fuse: bool):
-    """(quantize(x) -> (int8 rows, scales), dequantize_rows): torch.compile'd where ``fuse`` is on and they build,
-    else eager. For activations kept for backward as int8 rows (``quant.int8_saved_mlp``, ``lean``).
+    """(quantize(x) -> (int8 rows, scales), dequantize_rows): torch.compile'd (on first use) where ``fuse`` is on and
+    they build, else eager. For activations kept for backward as int8 rows (``quant.int8_saved_mlp``, ``lean``;
+    ``lean_native`` does this work itself where it runs).
     """
-    fused = _fused() if fuse else None
-    quantize, dequantize = (fused[0], fused[3]) if fused is not None else (quantize_rows, dequantize_rows)
+    quantize, dequantize = ((_compiled_on_first_call(0, quantize_rows), _compiled_on_first_call(3, dequantize_rows))
+                            if fuse else (quantize_rows, dequantize_rows))
 
     def quantize_unscaled(x):
         return quantize(x, _ones(x.shape[1]))

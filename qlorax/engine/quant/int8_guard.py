@@ -71,9 +71,10 @@ def enable(model, spec: RunSpec, calibration_batches: list, held_out_batches: li
               "calibration_batches": len(calibration_batches) if absmax is not None else 0,
               "guard_batches": len(held_out_batches), "guard_data": measured_on, "bf16_loss": bf16_loss,
               "int8_loss": int8_loss, "loss_gap": gap, "max_loss_gap": q.int8_max_loss_gap,
-              "fused": q.int8_fuse and int8.kernels(True)[0] is not int8.quantize_rows,
               "matmul": "amx" if q.int8_fuse and q.int8_matmul == "auto" and amx.library() is not None
               else "torch._int_mm"}
+    # fused: the quantizers run as one pass each (the AMX kernels' own, else torch.compile'd)
+    report["fused"] = q.int8_fuse and (report["matmul"] == "amx" or int8.compiles())
     log.info("quant.compute=int8: %d base linear layers in int8 (%s weights, smoothing %g, %s, %s); %s loss bf16 %.4f "
              "-> int8 %.4f: gap %+.2f%% (bound %.2f%%)", layers, q.int8_weight, q.int8_smoothing,
              "fused" if report["fused"] else "unfused", report["matmul"], measured_on, bf16_loss, int8_loss, 100 * gap,
