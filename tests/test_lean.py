@@ -226,6 +226,49 @@ def test_down_proj_adapter_input_is_recomputed_not_kept(monkeypatch, checkpointi
         assert kept_a == (2, 0) and kept_b == (2, 2)   # 2 layers: kept by the plain path, by neither here
 
 
+def _kept_norm_outputs(model, ids) -> tuple[int, int]:
+    """(RMSNorm outputs of the decoder layers seen, how many of them a LoRA backward node keeps) after one forward."""
+    outputs = []   # held here, so a recomputed tensor cannot take a freed output's address
+    hooks = [m.register_forward_hook(lambda _, args, out: outputs.append(out))
+             for name, m in model.named_modules() if name.endswith(("input_layernorm", "post_attention_layernorm"))]
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    for hook in hooks:
+        hook.remove()
+    kept, seen, todo = set(), set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "LoraPathBackward":
+            kept |= {t.untyped_storage().data_ptr() for t in node.saved_tensors if t is not None}
+        todo += [n for n, _ in node.next_functions]
+    return len(outputs), sum(t.untyped_storage().data_ptr() in kept for t in outputs)
+
+
+def test_norm_output_feeding_adapters_is_recomputed_not_kept(monkeypatch):
+    """The q/k/v and gate/up adapters keep the RMSNorm's recipe (its kept input and row scales), not its output;
+    backward recomputes the output, bit-identical."""
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(6))
+    runs = {}
+    for recompute in (True, False):
+        if not recompute:   # no recipe on the norm's output: the adapters keep the output itself
+            monkeypatch.setattr(lean, "NormOutput", lambda *args: None)
+        model = _tiny_peft_model(dropout=0.1, targets=("q_proj", "v_proj", "gate_proj", "up_proj"))
+        assert lean.make_lean(model, autocast=True)["fused_lora"] == 8
+        torch.manual_seed(12)
+        runs[recompute] = (_step(model, ids), _kept_norm_outputs(model, ids))
+    (loss_a, grads_a), kept_a = runs[True]
+    (loss_b, grads_b), kept_b = runs[False]
+    assert loss_a == loss_b
+    for name, grad in grads_b.items():
+        assert torch.equal(grads_a[name], grad), name
+    # 2 layers x 2 norms; the first layer's input needs no gradient, so its input norm has no recipe (kept by both)
+    assert kept_b == (4, 4) and kept_a == (4, 1)
+
+
 def _unfuse(model) -> int:
     """Back to peft's own LoRA forward (the lean dropout stays): the reference for the fused path."""
     undone = 0

@@ -118,9 +118,10 @@ def _rmsnorm_class():
             xf = x.float()
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
             ctx.save_for_backward(x, weight, rstd)
-            if lean_native.usable(x, weight):
-                return lean_native.rmsnorm_apply(x, rstd, weight)
-            return weight * (xf * rstd).to(x.dtype)
+            out = _rmsnorm_output(x, rstd, weight)
+            if any(ctx.needs_input_grad[:2]):   # consumers may keep this recipe instead of ``out`` (``NormOutput``)
+                out.qlorax_recompute = NormOutput(x, rstd, weight)
+            return out
 
         @staticmethod
         def backward(ctx, grad):
@@ -141,6 +142,32 @@ def _rmsnorm_class():
             return grad_x, grad_weight, None
 
     return RMSNorm
+
+
+def _rmsnorm_output(x, rstd, weight):
+    """weight * (x * rstd) in x's dtype: the forward's output, and bit for bit the same again from ``NormOutput``."""
+    if lean_native.usable(x, weight):
+        return lean_native.rmsnorm_apply(x, rstd, weight)
+    return weight * (x.float() * rstd).to(x.dtype)
+
+
+class NormOutput:
+    """An RMSNorm's output as its kept input and row scales give it again (``qlorax_recompute`` on the output).
+
+    The LoRA adapters on q/k/v and on gate/up keep their input for A's gradient: the norm's output, 4 MiB per
+    layer and kind at batch 4 on the 1.1B shape (176 MiB all-linear) that the norm's own backward does not need,
+    since it keeps its input. ``lora_fused`` keeps this recipe instead and recomputes the output in backward: once
+    for all the adapters sharing it (``tensor`` caches it until the last of them is done with the recipe).
+    """
+    __slots__ = ("x", "rstd", "weight", "cached")
+
+    def __init__(self, x, rstd, weight):
+        self.x, self.rstd, self.weight, self.cached = x, rstd, weight, None
+
+    def tensor(self):
+        if self.cached is None:
+            self.cached = _rmsnorm_output(self.x, self.rstd, self.weight)
+        return self.cached
 
 
 # ------------------------------------------------------------------ gated MLP

@@ -63,7 +63,8 @@ def _forward(self, x, *args, original, **kwargs):
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else result.dtype
     with torch.autocast("cpu", enabled=False):
         out = _function().apply(x.reshape(-1, x.shape[-1]), result.reshape(-1, result.shape[-1]).to(dtype),
-                                self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), p)
+                                self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]), p,
+                                getattr(x, "qlorax_recompute", None))
     return out.reshape(*result.shape[:-1], out.shape[-1])
 
 
@@ -72,19 +73,27 @@ def _function():
     import torch
 
     class LoraPath(torch.autograd.Function):
-        """out = base + (dropout(x) @ A.T * scaling) @ B.T, in the base output's dtype."""
+        """out = base + (dropout(x) @ A.T * scaling) @ B.T, in the base output's dtype.
+
+        ``recompute``: where x is an output the producer can give again (``lean.NormOutput``: ``tensor()``), that
+        recipe is kept instead of x and x is recomputed in backward."""
 
         @staticmethod
-        def forward(ctx, x, base, a, b, scaling, p):
+        def forward(ctx, x, base, a, b, scaling, p, recompute=None):
             dtype = base.dtype
             ctx.scaling, ctx.p, ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = scaling, p, x.dtype, a.dtype, b.dtype
             x_c = x.to(dtype)
             ctx.native = lora_native.usable(x_c, base, a.shape[0])
-            if ctx.native:   # one pass per tensor, dropout inline (lora_native)
+            if ctx.native:
                 x_c = x_c.contiguous()
+            # the recipe stands for x only where x reaches the kernels as it is (no cast, no copy)
+            ctx.recompute = recompute if recompute is not None and x_c is x else None
+            ctx.width = x.shape[-1]
+            keep = None if ctx.recompute is not None else x_c
+            if ctx.native:   # one pass per tensor, dropout inline (lora_native)
                 ctx.hash = (int(lora_dropout.new_seed()) if p > 0 else 0, lora_dropout.threshold(p), 1.0 / (1.0 - p))
                 out, middle = lora_native.forward(x_c, base, a, b, scaling, *ctx.hash)
-                ctx.save_for_backward(x_c, middle, a, b)
+                ctx.save_for_backward(keep, middle, a, b)
                 return out
             a_c, b_c = a.to(dtype), b.to(dtype)
             kept, token = lora_dropout.drop(x_c, p) if p > 0 else (x_c, None)
@@ -93,20 +102,26 @@ def _function():
             # The input is kept, not its dropped copy: adapters on one input (q, k, v; gate, up) share it, and
             # backward drops it again from the token (a seed: nothing else is kept).
             need_x = ctx.needs_input_grad[0]   # the first layer's input needs no gradient: keep no A
-            ctx.save_for_backward(x_c, middle, a_c if need_x else None, b_c, token)
+            ctx.save_for_backward(keep, middle, a_c if need_x else None, b_c, token)
             return out
+
+        @staticmethod
+        def _kept_input(ctx, saved):
+            return saved if ctx.recompute is None else ctx.recompute.tensor().reshape(-1, ctx.width)
 
         @staticmethod
         def backward(ctx, grad):
             if ctx.native:
                 x_c, middle, a, b = ctx.saved_tensors
+                x_c = LoraPath._kept_input(ctx, x_c)
                 want = ctx.needs_input_grad
                 grad_x, grad_a, grad_b = lora_native.backward(grad.to(x_c.dtype), x_c, middle, a, b, ctx.scaling,
                                                               *ctx.hash, want[0], want[2], want[3])
                 return (None if grad_x is None else grad_x.to(ctx.x_dtype), grad,
                         None if grad_a is None else grad_a.to(ctx.a_dtype),
-                        None if grad_b is None else grad_b.to(ctx.b_dtype), None, None)
+                        None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None)
             x_c, middle, a_c, b_c, token = ctx.saved_tensors
+            x_c = LoraPath._kept_input(ctx, x_c)
             grad = grad.to(x_c.dtype)
             grad_b = (grad.t() @ middle).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
             grad_middle = (grad @ b_c).mul_(ctx.scaling)
@@ -120,6 +135,6 @@ def _function():
                 if token is not None:
                     grad_x = lora_dropout.reapply(grad_x, token, ctx.p)
                 grad_x = grad_x.to(ctx.x_dtype)
-            return grad_x, grad, grad_a, grad_b, None, None
+            return grad_x, grad, grad_a, grad_b, None, None, None
 
     return LoraPath
