@@ -39,15 +39,17 @@ def _reference(x, base, a, b, grad, scaling, seed, p):
 def test_forward_and_backward_match_fp32_autograd_with_the_same_mask(rows, cols, outs, rank, p):
     x, base, a, b, grad = _case(rows, cols, outs, rank)
     seed, threshold, drop_scale = 1234, lora_dropout.threshold(p), 1 / (1 - p)
-    out, middle = lora_native.forward(x, base, a, b, 2.0, seed, threshold, drop_scale)
+    adapter = lora_native.weights(a, b)
+    out, middle = lora_native.forward(x, base, adapter, 2.0, seed, threshold, drop_scale)
     want_out, want_x, want_a, want_b, keep = _reference(x, base, a, b, grad, 2.0, seed, p)
-    grad_x, grad_a, grad_b = lora_native.backward(grad, x, middle, a, b, 2.0, seed, threshold, drop_scale, True, True, True)
+    grad_x, grad_a, grad_b = lora_native.backward(grad, x, middle, adapter, 2.0, seed, threshold, drop_scale,
+                                                  True, True, True)
     assert out.dtype == grad_x.dtype == torch.bfloat16 and grad_a.dtype == grad_b.dtype == torch.float32
     assert grad_a.shape == a.shape and grad_b.shape == b.shape and grad_x.shape == x.shape
     assert _rel(out, want_out) < 5e-3 and _rel(grad_x, want_x) < 5e-3
     assert _rel(grad_a, want_a) < 5e-3 and _rel(grad_b, want_b) < 5e-3
     assert not grad_x[~keep].any()   # dropped elements get no gradient
-    again = lora_native.backward(grad, x, middle, a, b, 2.0, seed, threshold, drop_scale, False, True, True)
+    again = lora_native.backward(grad, x, middle, adapter, 2.0, seed, threshold, drop_scale, False, True, True)
     assert again[0] is None and torch.equal(again[1], grad_a) and torch.equal(again[2], grad_b)   # fixed-order sums
 
 
@@ -58,10 +60,11 @@ def test_a_strided_input_is_read_as_its_rows():
     wide[:, :64] = x
     strided = wide[:, :64]   # rows 128 apart
     threshold, drop_scale = lora_dropout.threshold(0.2), 1 / 0.8
-    out, middle = lora_native.forward(strided, base, a, b, 2.0, 9, threshold, drop_scale)
+    adapter = lora_native.weights(a, b)
+    out, middle = lora_native.forward(strided, base, adapter, 2.0, 9, threshold, drop_scale)
     want_out, want_x, want_a, want_b, _ = _reference(x, base, a, b, grad, 2.0, 9, 0.2)
-    grad_x, grad_a, grad_b = lora_native.backward(grad, strided, middle, a, b, 2.0, 9, threshold, drop_scale, True, True,
-                                                  True)
+    grad_x, grad_a, grad_b = lora_native.backward(grad, strided, middle, adapter, 2.0, 9, threshold, drop_scale,
+                                                  True, True, True)
     assert _rel(out, want_out) < 5e-3 and _rel(grad_x, want_x) < 5e-3
     assert _rel(grad_a, want_a) < 5e-3 and _rel(grad_b, want_b) < 5e-3
 

@@ -92,8 +92,9 @@ def _function():
             keep = None if ctx.recompute is not None else x_c
             if ctx.native:   # one pass per tensor, dropout inline (lora_native)
                 ctx.hash = (int(lora_dropout.new_seed()) if p > 0 else 0, lora_dropout.threshold(p), 1.0 / (1.0 - p))
-                out, middle = lora_native.forward(x_c, base, a, b, scaling, *ctx.hash)
-                ctx.save_for_backward(keep, middle, a, b)
+                adapter = lora_native.weights(a, b)
+                out, middle = lora_native.forward(x_c, base, adapter, scaling, *ctx.hash)
+                ctx.save_for_backward(keep, middle, *adapter[:2])
                 return out
             a_c, b_c = a.to(dtype), b.to(dtype)
             kept, token = lora_dropout.drop(x_c, p) if p > 0 else (x_c, None)
@@ -112,11 +113,11 @@ def _function():
         @staticmethod
         def backward(ctx, grad):
             if ctx.native:
-                x_c, middle, a, b = ctx.saved_tensors
+                x_c, middle, a16, bt16 = ctx.saved_tensors
                 x_c = LoraPath._kept_input(ctx, x_c)
                 want = ctx.needs_input_grad
-                grad_x, grad_a, grad_b = lora_native.backward(grad.to(x_c.dtype), x_c, middle, a, b, ctx.scaling,
-                                                              *ctx.hash, want[0], want[2], want[3])
+                grad_x, grad_a, grad_b = lora_native.backward(grad.to(x_c.dtype), x_c, middle, (a16, bt16, None),
+                                                              ctx.scaling, *ctx.hash, want[0], want[2], want[3])
                 return (None if grad_x is None else grad_x.to(ctx.x_dtype), grad,
                         None if grad_a is None else grad_a.to(ctx.a_dtype),
                         None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None)

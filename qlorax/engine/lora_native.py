@@ -194,15 +194,25 @@ def usable(x, base, rank: int) -> bool:
 
 
 
-def forward(x, base, a, b, scaling: float, seed: int, threshold: int, drop_scale: float):
+def weights(a, b):
+    """The adapter's A [r, K] and B [N, r] (any float dtype) as the kernels read them: (A bf16, B^T bf16 [r, N],
+    B^T as fp32 holding the bf16 values). Made once per step in forward and kept for backward: three small copies
+    where each direction made its own (seven per adapter and step, about 12 us each)."""
+    import torch
+
+    a16 = a.to(torch.bfloat16).contiguous()
+    bt16 = torch.empty(b.shape[1], b.shape[0], dtype=torch.bfloat16).copy_(b.t())
+    return a16, bt16, bt16.float()
+
+
+def forward(x, base, adapter, scaling: float, seed: int, threshold: int, drop_scale: float):
     """(out, middle): ``base + (scaling * dropout(x) @ a.T) @ b.T`` in bf16 and its bf16 middle [M, r].
-    x [M, K], base [M, N] bf16; a [r, K], b [N, r] (any float dtype: used as bf16)."""
+    x [M, K], base [M, N] bf16; ``adapter``: ``weights(a, b)``."""
     import torch
 
     x, base = x.contiguous(), base.contiguous()
-    rank = a.shape[0]
-    a16 = a.to(torch.bfloat16).contiguous()
-    bt = b.to(torch.bfloat16).float().t().contiguous()
+    a16, _, bt = adapter
+    rank = a16.shape[0]
     middle = torch.empty(x.shape[0], rank, dtype=torch.bfloat16)
     out = torch.empty_like(base)
     library().qlorax_lora_forward(*map(pointer, (x, base, a16, bt, middle, out)), x.shape[0], x.shape[1], base.shape[1],
@@ -210,16 +220,16 @@ def forward(x, base, a, b, scaling: float, seed: int, threshold: int, drop_scale
     return out, middle
 
 
-def backward(grad, x, middle, a, b, scaling: float, seed: int, threshold: int, drop_scale: float,
+def backward(grad, x, middle, adapter, scaling: float, seed: int, threshold: int, drop_scale: float,
              want_x: bool, want_a: bool, want_b: bool):
-    """(grad_x bf16 or None, grad_a fp32 [r, K] or None, grad_b fp32 [N, r] or None) of ``forward``."""
+    """(grad_x bf16 or None, grad_a fp32 [r, K] or None, grad_b fp32 [N, r] or None) of ``forward`` (``adapter``:
+    the ``weights(a, b)`` it ran with)."""
     import torch
 
     grad, x = grad.contiguous(), x.contiguous()   # the kernel indexes rows as t * width
     rows, outs = grad.shape
-    rank, cols = a.shape
-    a16 = a.to(torch.bfloat16).contiguous()
-    bt16 = b.to(torch.bfloat16).t().contiguous()
+    a16, bt16, _ = adapter
+    rank, cols = a16.shape
     grad_x = torch.empty(rows, cols, dtype=torch.bfloat16) if want_x else None
     grad_a = torch.empty(rank, cols, dtype=torch.float32) if want_a else None
     grad_bt = torch.empty(rank, outs, dtype=torch.float32) if want_b else None
