@@ -56,38 +56,80 @@ static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (16 x 16
 """
 SOURCE = r"""
 
-/* The rows of x [M, K] (bf16, split over the threads) times col_scale [K] as int8 with one fp32 scale per row (max|row| -> 127,
-   rounded to nearest even), written "vnni" (rows in blocks of 16: [M/16][K/4][16][4], the B operand of a tile
-   product) or "plain" ([M, K], the A operand). */
-void qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out, float* row_scale,
-                          int64_t M, int64_t K, int vnni) {
-    #pragma omp parallel for schedule(static) if (M >= 64)
-    for (int64_t r = 0; r < M; ++r) {
-        const uint16_t* xr = x + r * K;
-        __m512 amax = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = load_bf16(xr + k);
-            v = _mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k));
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
-        }
-        float m = _mm512_reduce_max_ps(amax);
-        if (m < 1e-12f) m = 1e-12f;
-        row_scale[r] = m / 127.0f;
-        const __m512 mul = _mm512_set1_ps(127.0f / m);
-        for (int64_t k = 0; k < K; k += 16) {
-            __m512 v = load_bf16(xr + k);
-            v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_loadu_ps(col_scale + k)), mul);
-            __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));   /* round to nearest even, saturate */
-            if (vnni) {
-                int8_t* base = out + (r / 16) * (K * 16) + (r % 16) * 4;   /* [r/16][k/4][r%16][k%4] */
-                uint32_t w[4];
-                _mm_storeu_si128((__m128i*)w, q);
-                for (int g = 0; g < 4; ++g) memcpy(base + ((k / 4) + g) * 64, &w[g], 4);
-            } else {
-                _mm_storeu_si128((__m128i*)(out + r * K + k), q);
-            }
-        }
+/* This thread's scratch buffer of at least `bytes` (a multiple of 64), kept across calls and grown as needed (*buffer
+   and *capacity: the caller's static __thread pair); NULL where memory ran out. */
+static int8_t* thread_buffer(int8_t** buffer, int64_t* capacity, int64_t bytes) {
+    if (*capacity < bytes) {
+        free(*buffer);
+        *buffer = (int8_t*)aligned_alloc(64, bytes);
+        *capacity = *buffer ? bytes : 0;
     }
+    return *buffer;
+}
+
+/* Row xr [K] (bf16) times col_scale [K] as int8 with one fp32 scale (max|row| -> 127, rounded to nearest even). */
+static inline void quantize_row(const uint16_t* xr, const float* col_scale, int64_t K, int8_t* out, float* scale) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_mul_ps(load_bf16(xr + k), _mm512_loadu_ps(col_scale + k))));
+    float m = _mm512_reduce_max_ps(amax);
+    if (m < 1e-12f) m = 1e-12f;
+    *scale = m / 127.0f;
+    const __m512 mul = _mm512_set1_ps(127.0f / m);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_bf16(xr + k), _mm512_loadu_ps(col_scale + k)), mul);
+        _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));   /* nearest even, saturate */
+    }
+}
+
+/* 16 plain int8 rows (rows [16][K]) in the tile B operand's layout, out [K/4][16][4]: per 16 columns, four 64-byte
+   lines, each one 4-column quad of all 16 rows (a dword transpose in registers; whole lines written). */
+static inline void vnni_block(const int8_t* rows, int64_t K, int8_t* out) {
+    const __m512i quads = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512i t[4];
+        for (int j = 0; j < 4; ++j) {   /* lane l: row 4j + l's 16 bytes; then lane g: quad g of rows 4j .. 4j + 3 */
+            __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i*)(rows + (4 * j) * K + k)));
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i*)(rows + (4 * j + 1) * K + k)), 1);
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i*)(rows + (4 * j + 2) * K + k)), 2);
+            z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i*)(rows + (4 * j + 3) * K + k)), 3);
+            t[j] = _mm512_permutexvar_epi32(quads, z);
+        }
+        const __m512i u0 = _mm512_shuffle_i64x2(t[0], t[1], 0x44), u1 = _mm512_shuffle_i64x2(t[2], t[3], 0x44);
+        const __m512i u2 = _mm512_shuffle_i64x2(t[0], t[1], 0xEE), u3 = _mm512_shuffle_i64x2(t[2], t[3], 0xEE);
+        int8_t* o = out + (k / 4) * 64;
+        _mm512_storeu_si512((void*)(o + 0), _mm512_shuffle_i64x2(u0, u1, 0x88));
+        _mm512_storeu_si512((void*)(o + 64), _mm512_shuffle_i64x2(u0, u1, 0xDD));
+        _mm512_storeu_si512((void*)(o + 128), _mm512_shuffle_i64x2(u2, u3, 0x88));
+        _mm512_storeu_si512((void*)(o + 192), _mm512_shuffle_i64x2(u2, u3, 0xDD));
+    }
+}
+
+/* The rows of x [M, K] (bf16, split over the threads) times col_scale [K] as int8 rows (``quantize_row``), written
+   "vnni" (rows in blocks of 16: [M/16][K/4][16][4], the B operand of a tile product; each block quantized into a
+   thread buffer first, then turned, its padding rows zero) or "plain" ([M, K], the A operand). Returns 1 where a
+   thread buffer could not be allocated. */
+int qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out, float* row_scale, int64_t M,
+                         int64_t K, int vnni) {
+    if (!vnni) {
+        #pragma omp parallel for schedule(static) if (M >= 64)
+        for (int64_t r = 0; r < M; ++r) quantize_row(x + r * K, col_scale, K, out + r * K, row_scale + r);
+        return 0;
+    }
+    int failed = 0;
+    #pragma omp parallel for schedule(static) reduction(|: failed) if (M >= 64)
+    for (int64_t b = 0; b < (M + 15) / 16; ++b) {
+        static __thread int8_t* buffer = NULL;
+        static __thread int64_t capacity = 0;
+        int8_t* rows = thread_buffer(&buffer, &capacity, 16 * K);
+        if (!rows) { failed = 1; continue; }
+        for (int64_t i = 0; i < 16; ++i) {
+            if (16 * b + i < M) quantize_row(x + (16 * b + i) * K, col_scale, K, rows + i * K, row_scale + 16 * b + i);
+            else memset(rows + i * K, 0, K);
+        }
+        vnni_block(rows, K, out + b * 16 * K);
+    }
+    return failed;
 }
 
 /* The weight as the kernels read it: int8 [N, K] as stored, or int4-stored (packed [N, K/2] two per byte, low nibble
@@ -293,17 +335,6 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
     }
     _tile_release();
 }
-/* This thread's scratch buffer of at least `bytes` (a multiple of 64), kept across calls and grown as needed (*buffer
-   and *capacity: the caller's static __thread pair); NULL where memory ran out. */
-static int8_t* thread_buffer(int8_t** buffer, int64_t* capacity, int64_t bytes) {
-    if (*capacity < bytes) {
-        free(*buffer);
-        *buffer = (int8_t*)aligned_alloc(64, bytes);
-        *capacity = *buffer ? bytes : 0;
-    }
-    return *buffer;
-}
-
 /* The threads' share of [0, units): contiguous, as even as can be. */
 static void share(int64_t units, int64_t* lo, int64_t* hi) {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -368,7 +399,7 @@ def library():
         return None
     address, size = ctypes.c_void_p, ctypes.c_int64
     lib.qlorax_quantize_rows.argtypes = [address] * 4 + [size] * 2 + [ctypes.c_int]
-    lib.qlorax_quantize_rows.restype = None
+    lib.qlorax_quantize_rows.restype = ctypes.c_int
     lib.qlorax_amx_forward.argtypes = [address] * 7 + [size] * 4
     lib.qlorax_amx_forward.restype = ctypes.c_int
     lib.qlorax_amx_backward.argtypes = [address] * 7 + [size] * 4
@@ -407,11 +438,13 @@ def quantize_rows(x, col_scale, vnni: bool):
     rows, cols = x.shape
     padded = -(-rows // 16) * 16
     out = torch.empty(padded * cols, dtype=torch.int8)
-    if padded != rows:   # padding rows are zero: in vnni layout they interleave with the last block's rows
-        out[(padded - 16) * cols:].zero_()
+    if padded != rows and not vnni:   # padding rows are zero (the vnni kernel writes its blocks' own)
+        out[rows * cols:].zero_()
     scale = torch.empty(rows, 1, dtype=torch.float32)
     x, col_scale = x.contiguous(), col_scale.contiguous()
-    library().qlorax_quantize_rows(pointer(x), pointer(col_scale), pointer(out), pointer(scale), rows, cols, int(vnni))
+    if library().qlorax_quantize_rows(pointer(x), pointer(col_scale), pointer(out), pointer(scale), rows, cols,
+                                      int(vnni)):
+        raise MemoryError(f"AMX int8 quantizer: no memory for 16 x {cols} int8 rows")
     return out, scale
 
 
