@@ -78,7 +78,8 @@ static inline void quantize_row(const uint16_t* xr, const float* col_scale, int6
     const __m512 mul = _mm512_set1_ps(127.0f / m);
     for (int64_t k = 0; k < K; k += 16) {
         const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_bf16(xr + k), _mm512_loadu_ps(col_scale + k)), mul);
-        _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));   /* nearest even, saturate */
+        /* rounded to nearest even, saturated */
+        _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
     }
 }
 
