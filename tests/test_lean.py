@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qlorax.engine import attention, lean  # noqa: E402
+from qlorax.engine import attention, lean, lean_native  # noqa: E402
 
 
 def _llama_config(**extra):
@@ -168,7 +168,8 @@ def test_make_lean_same_training_step_and_less_kept_for_backward():
     counts = lean.make_lean(patched, autocast=True)
     # 2 layers x 2 norms + final; q and v of 2 layers; attention's backward on AMX tiles where the CPU has them
     assert counts == {"rmsnorm": 5, "gated_mlp": 2, "lora_dropout": 0, "fused_lora": 4, "chunked_loss": 1,
-                      "attention": int(attention.library() is not None)}
+                      "attention": int(attention.library() is not None),
+                      "rotary": 2 * int(lean_native.library() is not None)}
     loss_a, grads_a = _step(plain, ids)
     loss_b, grads_b = _step(patched, ids)
     assert abs(loss_a - loss_b) < 1e-3

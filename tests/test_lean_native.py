@@ -108,3 +108,36 @@ def test_patched_modules_take_the_native_kernels_and_fall_back_with_the_same_for
     (y_native, dx_native), (y_torch, dx_torch) = runs
     assert torch.equal(y_native, y_torch)
     assert _rel(dx_native, dx_torch) < 2e-2
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,length,dim,cos_batch", [(1, 32, 4, 256, 64, 1), (3, 8, 2, 33, 128, 3),
+                                                                        (2, 4, 4, 7, 32, 1)])
+def test_rotary_is_bit_identical_to_transformers_both_ways(batch, heads, kv_heads, length, dim, cos_batch):
+    """The native rotary against transformers' apply_rotary_pos_emb and autograd: q and k as the attention makes them
+    (transposed views of [B, L, H, D]), GQA, cos and sin broadcast over the batch or not."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as current
+
+    from qlorax.engine import lean
+
+    original = getattr(current, "qlorax_original", current)
+    assert lean._native_rotary(LlamaAttention) == 1
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as replaced
+
+    runs = []
+    for function in (original, replaced):
+        g = torch.Generator().manual_seed(length)
+        q = (torch.randn(batch, length, heads, dim, generator=g) * 3).bfloat16().transpose(1, 2).requires_grad_()
+        k = torch.randn(batch, length, kv_heads, dim, generator=g).bfloat16().transpose(1, 2).requires_grad_()
+        cos, sin = (torch.randn(cos_batch, length, dim, generator=g).bfloat16() for _ in range(2))
+        grads = (torch.randn(batch, heads, length, dim, generator=g).bfloat16(),
+                 torch.randn(batch, kv_heads, length, dim, generator=g).bfloat16())
+        q_embed, k_embed = function(q, k, cos, sin)
+        torch.autograd.backward((q_embed, k_embed), grads)
+        runs.append((q_embed, k_embed, q.grad, k.grad))
+    assert replaced is not original
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+    fp32 = torch.randn(1, 2, 3, 64)   # what the kernel does not take goes to transformers' own
+    cos = torch.randn(1, 3, 64)
+    assert all(torch.equal(a, b) for a, b in zip(replaced(fp32, fp32, cos, cos), original(fp32, fp32, cos, cos)))

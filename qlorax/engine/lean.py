@@ -24,8 +24,10 @@ is avoidable (``train.lean_kernels=true``, the default, patches the model in pla
 
 Each patch applies only to module classes whose forward it reproduces exactly (checked by tests);
 anything else keeps the model's own code. With bf16 activations, RMSNorm's and the gated MLP's elementwise work
-(and the dropout hash) run as native one-pass loops (``lean_native``), the forwards still bit-identical. On CPUs
-with AMX-BF16, attention's backward runs on tiles (``attention``; the forward stays transformers' SDPA).
+(and the dropout hash) run as native one-pass loops (``lean_native``), the forwards still bit-identical, and so does
+the rotary position embedding of q and k (both directions bit-identical; ``_native_rotary``). On CPUs with AMX-BF16,
+attention's backward runs on tiles (``attention``; the forward stays transformers' SDPA). The adapters on q/k/v and
+gate/up keep the RMSNorm's recipe rather than its output (``NormOutput``).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ log = logging.getLogger("qlorax")
 RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 PLAIN_HEAD_CLASSES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+ROTARY_ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
 HEAD_CHUNK_ELEMENTS = 2 ** 22   # fp32 logits per chunk: 16 MiB (8 MiB: 4 chunks at 256 tokens, the head 25% slower)
 
 
@@ -51,12 +54,14 @@ def make_lean(model, autocast: bool, mlp_codec=None) -> dict[str, int]:
     import torch
 
     counts = {"rmsnorm": 0, "gated_mlp": 0, "lora_dropout": 0, "fused_lora": 0, "chunked_loss": 0,
-              "attention": int(attention.enable(model))}
+              "attention": int(attention.enable(model)), "rotary": 0}
     for module in model.modules():
         name = type(module).__name__
         if name in RMSNORM_CLASSES and hasattr(module, "variance_epsilon"):
             module.forward = _bind(_rmsnorm_forward, module)
             counts["rmsnorm"] += 1
+        elif name in ROTARY_ATTENTION_CLASSES:
+            counts["rotary"] += _native_rotary(type(module))
         elif name in GATED_MLP_CLASSES and _is_silu(getattr(module, "act_fn", None)):
             module.forward = _bind(_gated_mlp_forward, module)
             module.qlorax_mlp_codec = mlp_codec
@@ -75,8 +80,9 @@ def make_lean(model, autocast: bool, mlp_codec=None) -> dict[str, int]:
         causal_lm.qlorax_chunked_loss = True
         counts["chunked_loss"] = 1
     log.info("lean kernels: %d RMSNorm, %d gated MLP, %d LoRA dropout module(s), %d fused LoRA path(s), chunked loss: "
-             "%s, attention backward on AMX tiles: %s", counts["rmsnorm"], counts["gated_mlp"], counts["lora_dropout"],
-             counts["fused_lora"], "yes" if counts["chunked_loss"] else "no", "yes" if counts["attention"] else "no")
+             "%s, attention backward on AMX tiles: %s, native rotary: %s", counts["rmsnorm"], counts["gated_mlp"],
+             counts["lora_dropout"], counts["fused_lora"], "yes" if counts["chunked_loss"] else "no",
+             "yes" if counts["attention"] else "no", "yes" if counts["rotary"] else "no")
     return counts
 
 
@@ -168,6 +174,89 @@ class NormOutput:
         if self.cached is None:
             self.cached = _rmsnorm_output(self.x, self.rstd, self.weight)
         return self.cached
+
+
+# ------------------------------------------------------------------ rotary position embedding
+def _native_rotary(attention_class) -> int:
+    """Route the ``apply_rotary_pos_emb`` that ``attention_class``'s module calls through ``rotary``: 1 where it
+    now does (it did already, or it was replaced now), else 0.
+
+    The function is module-level in transformers (the attention's forward looks it up there), so it is replaced in
+    that module, for every model of the family in this process. That is safe because the replacement is
+    bit-identical in both directions: it is checked against the original on a probe first, and anything the
+    native kernel does not take (other dtypes, layouts, a cos or sin that wants a gradient) goes to the original.
+    """
+    import sys
+
+    module = sys.modules.get(attention_class.__module__)
+    original = getattr(module, "apply_rotary_pos_emb", None)
+    if original is None or not lean_native.usable():
+        return 0
+    if getattr(original, "qlorax_original", None) is not None:
+        return 1
+    replacement = functools.partial(_rotary_forward, original=original)
+    replacement.qlorax_original = original
+    if not _rotary_agrees(original, replacement):
+        log.warning("lean kernels: %s.apply_rotary_pos_emb differs from the native rotary; left as it is",
+                    module.__name__)
+        return 0
+    module.apply_rotary_pos_emb = replacement
+    return 1
+
+
+def _rotary_forward(q, k, cos, sin, *args, original, **kwargs):
+    if (not args and not kwargs.get("position_ids") and kwargs.get("unsqueeze_dim", 1) == 1
+            and not (cos.requires_grad or sin.requires_grad)
+            and lean_native.rotary_usable(q, cos, sin) and lean_native.rotary_usable(k, cos, sin)):
+        return _rotary_class().apply(q, k, cos, sin)
+    return original(q, k, cos, sin, *args, **kwargs)
+
+
+def _rotary_agrees(original, replacement) -> bool:
+    """The replacement's values and input gradients equal the original's on a probe (GQA shapes, q strided)."""
+    import torch
+
+    runs = []
+    for function in (original, replacement):
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 5, 4, 64, generator=generator).bfloat16().transpose(1, 2).requires_grad_()
+        k = torch.randn(2, 2, 5, 64, generator=generator).bfloat16().requires_grad_()
+        cos, sin = (torch.randn(1, 5, 64, generator=generator).bfloat16() for _ in range(2))
+        qe, ke = function(q, k, cos, sin)
+        (qe.float().sum() * 3 + (ke.float() ** 2).sum()).backward()
+        runs.append((qe, ke, q.grad, k.grad))
+    return all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@functools.cache   # made on first use, so importing this module needs no torch
+def _rotary_class():
+    import torch
+
+    class Rotary(torch.autograd.Function):
+        """(q, k) rotated by cos and sin as transformers' ``apply_rotary_pos_emb``; keeps cos and sin only."""
+
+        @staticmethod
+        def forward(ctx, q, k, cos, sin):
+            ctx.save_for_backward(cos, sin)
+            return lean_native.rotary(q, cos, sin, False), lean_native.rotary(k, cos, sin, False)
+
+        @staticmethod
+        def backward(ctx, grad_q, grad_k):
+            cos, sin = ctx.saved_tensors
+            return (*(None if g is None else _rotary_backward(g, cos, sin) for g in (grad_q, grad_k)), None, None)
+
+    return Rotary
+
+
+def _rotary_backward(grad, cos, sin):
+    """The input gradient of the rotation for ``grad`` (natively where it can, else as autograd computes it)."""
+    import torch
+
+    if lean_native.rotary_usable(grad, cos, sin):
+        return lean_native.rotary(grad, cos, sin, True)
+    cos, sin, half = cos.unsqueeze(1), sin.unsqueeze(1), grad.shape[-1] // 2
+    rotated = grad * sin
+    return grad * cos + torch.cat((rotated[..., half:], -rotated[..., :half]), dim=-1)
 
 
 # ------------------------------------------------------------------ gated MLP

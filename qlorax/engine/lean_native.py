@@ -1,4 +1,4 @@
-"""Native kernels for the lean patches' elementwise work (``lean``): RMSNorm and the gated MLP's silu(gate) * up.
+"""Native kernels for the lean patches' elementwise work (``lean``): RMSNorm, the gated MLP's silu(gate) * up, RoPE.
 
 Once the int8 matmuls run on AMX tiles, a training step spends most of its time outside the matmuls: at batch 4 on
 the TinyLlama-1.1B shape, RMSNorm's forward and backward and the gated MLP's elementwise work took about 0.8 s of a
@@ -15,6 +15,9 @@ ops run):
   both rows quantized (the codec's rounding: nearest even, max |row| -> 127) in the same pass.
 - gated MLP backward: both gradients from ``grad`` and the kept gate and up (bf16 or int8 rows), silu recomputed
   with a vectorized exp (relative error ~1e-7; the backward is not required to be bit-identical).
+- rotary position embedding of q and k, forward and backward: one pass each where transformers' ``rotate_half``
+  makes five (two products, a negation, a concatenation, a sum; and autograd's slices and sums in backward), every
+  product and sum rounded as torch's bf16 ops round them, so both directions are bit-identical to theirs.
 """
 from __future__ import annotations
 
@@ -199,6 +202,46 @@ void qlorax_hashed_dropout(const uint16_t* t, uint16_t* out, int64_t n, int64_t 
         out[i] = float_to_bf16((!above && x >= (uint32_t)threshold) ? bf16_to_float(t[i]) * scale : 0.0f);
     }
 }
+/* Rotary position embedding (transformers' apply_rotary_pos_emb, rotate_half) on x [B, H, L, D] bf16, read and
+   written through strides (the last dimension contiguous), with cos and sin [B, L, D] (strides; 0 broadcasts),
+   halves 1 and 2 of D, every product and sum rounded to bf16 as torch's bf16 ops round them:
+   forward   out1 = x1 c1 + (-x2) s1,   out2 = x2 c2 + x1 s2       (bit-identical to transformers')
+   backward  out1 = g1 c1 + g2 s2,      out2 = g2 c2 + (-(g1 s1))  (autograd's input gradient of the same ops) */
+void qlorax_rotary(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* out, const int64_t* dims,
+                   const int64_t* strides, int backward) {
+    const int64_t B = dims[0], H = dims[1], L = dims[2], D = dims[3], half = D / 2;
+    const int64_t* xs = strides;   /* x's b, h, l strides; then out's; then cos's and sin's b, l */
+    const int64_t* os = strides + 3;
+    const int64_t* cs = strides + 6;
+    const int64_t* ss = strides + 8;
+    const __m512 minus = _mm512_set1_ps(-1.0f);
+    #pragma omp parallel for collapse(3) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h)
+            for (int64_t l = 0; l < L; ++l) {
+                const uint16_t* xr = x + b * xs[0] + h * xs[1] + l * xs[2];
+                const uint16_t* cr = cos + b * cs[0] + l * cs[1];
+                const uint16_t* sr = sin + b * ss[0] + l * ss[1];
+                uint16_t* o = out + b * os[0] + h * os[1] + l * os[2];
+                for (int64_t d = 0; d < half; d += 16) {
+                    const __m512 x1 = load_bf16(xr + d), x2 = load_bf16(xr + half + d);
+                    const __m512 c1 = load_bf16(cr + d), c2 = load_bf16(cr + half + d);
+                    const __m512 s1 = load_bf16(sr + d), s2 = load_bf16(sr + half + d);
+                    __m512 o1, o2;
+                    if (!backward) {
+                        o1 = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, c1)),
+                                           round_bf16(_mm512_mul_ps(_mm512_mul_ps(x2, minus), s1)));
+                        o2 = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, c2)), round_bf16(_mm512_mul_ps(x1, s2)));
+                    } else {
+                        o1 = _mm512_add_ps(round_bf16(_mm512_mul_ps(x1, c1)), round_bf16(_mm512_mul_ps(x2, s2)));
+                        o2 = _mm512_add_ps(round_bf16(_mm512_mul_ps(x2, c2)),
+                                           _mm512_mul_ps(round_bf16(_mm512_mul_ps(x1, s1)), minus));
+                    }
+                    store_bf16(o + d, o1);
+                    store_bf16(o + half + d, o2);
+                }
+            }
+}
 #ifdef __cplusplus
 }
 #endif
@@ -226,6 +269,8 @@ def library():
         function.restype = result
     lib.qlorax_hashed_dropout.argtypes = [address, address, size, size, size, ctypes.c_float]
     lib.qlorax_hashed_dropout.restype = None
+    lib.qlorax_rotary.argtypes = [address] * 6 + [ctypes.c_int]
+    lib.qlorax_rotary.restype = None
     return lib
 
 
@@ -328,3 +373,29 @@ def hashed_dropout(t, seed, threshold: int, scale: float):
     out = torch.empty_like(flat)
     library().qlorax_hashed_dropout(pointer(flat), pointer(out), flat.numel(), int(seed), int(threshold), float(scale))
     return out.view(t.shape)
+
+
+def rotary_usable(x, cos, sin) -> bool:
+    """``rotary`` can take x [B, H, L, D] with cos and sin [B or 1, L, D]: bf16, D a multiple of 32, the last
+    dimensions contiguous."""
+    import torch
+
+    return (x.dim() == 4 and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[0] in (1, x.shape[0])
+            and tuple(cos.shape[1:]) == (x.shape[2], x.shape[3]) and x.shape[3] % 32 == 0
+            and all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (x, cos, sin))
+            and library() is not None)
+
+
+def rotary(x, cos, sin, backward: bool):
+    """transformers' ``apply_rotary_pos_emb`` for one of q and k (``backward``: its input gradient for a gradient
+    ``x``), bf16 and bit-identical; the result has x's strides."""
+    import torch
+
+    out = torch.empty_like(x)
+    shape = (x.shape[0], x.shape[2], x.shape[3])
+    cos, sin = cos.expand(shape), sin.expand(shape)
+    dims = torch.tensor(x.shape, dtype=torch.int64)
+    strides = torch.tensor([*x.stride()[:3], *out.stride()[:3], *cos.stride()[:2], *sin.stride()[:2]],
+                           dtype=torch.int64)
+    library().qlorax_rotary(*map(pointer, (x, cos, sin, out, dims, strides)), int(backward))
+    return out
