@@ -87,8 +87,9 @@ def test_chunks_and_strips_are_sized_to_l2():
 
 
 def test_the_tile_path_builds_no_compiled_kernels(monkeypatch):
-    """With the tile kernels (and the native unpack), torch.compile's quantizers are never built: not for the MLP's
-    int8 rows codec, not for an int4 weight's whole unpack (rows of x in more than one chunk)."""
+    """With the tile kernels (and the native unpack), torch.compile's quantizers are never built: not by making the
+    MLP's int8 rows codec (the native MLP kernels do its work), not for an int4 weight's whole unpack (rows of x in
+    more than one chunk)."""
     monkeypatch.setattr(int8, "_fused", lambda: pytest.fail("torch.compile'd quantizers were built"))
     int8.row_codec(True)
     layer = int8.make_int8_linear(torch.randn(320, 256) * 0.02, storage="int4")

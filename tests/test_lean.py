@@ -8,11 +8,20 @@ torch = pytest.importorskip("torch")
 from qlorax.engine import attention, lean, lean_native  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _llama_rotary_restored(monkeypatch):
+    """make_lean replaces Llama's module-level apply_rotary_pos_emb (bit-identical); each test leaves it as found."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+
+
 def _llama_config(**extra):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+    settings = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaConfig(**{**settings, **extra})
 
 
 def _grads(module, inputs, grad_out):
@@ -124,12 +133,12 @@ def test_seeded_dropout_keeps_only_its_token_and_drops_at_rate_p(hashed, monkeyp
     assert lean.seeded_dropout(0.0).train()(x) is x
 
 
-def _tiny_peft_model(dropout: float, seed: int = 0, targets=("q_proj", "v_proj")):
+def _tiny_peft_model(dropout: float, seed: int = 0, targets=("q_proj", "v_proj"), **config):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(_llama_config()).to(torch.bfloat16)
+    model = LlamaForCausalLM(_llama_config(**config)).to(torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets)))
     for p in model.parameters():
         if p.requires_grad:
@@ -181,26 +190,34 @@ def test_make_lean_same_training_step_and_less_kept_for_backward():
     assert _saved_bytes(lean_dropout, ids) < 0.75 * _saved_bytes(with_dropout, ids)
 
 
-def _kept_down_inputs(model, ids) -> tuple[int, int]:
-    """(down_proj inputs seen, how many of them a LoRA backward node keeps) after one forward."""
-    inputs = []   # held here, so a recomputed tensor cannot take a freed input's address
-    hooks = [m.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
-             for name, m in model.named_modules() if name.endswith("mlp.down_proj")]
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    for hook in hooks:
-        hook.remove()
-    kept, seen, todo = set(), set(), [loss.grad_fn]
+def _lora_nodes(loss) -> list:
+    """The LoRA path's backward nodes in ``loss``'s graph."""
+    nodes, seen, todo = [], set(), [loss.grad_fn]
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         if type(node).__name__ == "LoraPathBackward":
-            kept |= {t.untyped_storage().data_ptr() for t in node.saved_tensors if t is not None}
+            nodes.append(node)
         todo += [n for n, _ in node.next_functions]
-    return len(inputs), sum(t.untyped_storage().data_ptr() in kept for t in inputs)
+    return nodes
+
+
+def _kept_by_adapters(model, ids, names: tuple[str, ...], inputs: bool) -> tuple[int, int]:
+    """(tensors seen: the inputs, else the outputs, of the modules whose names end with ``names``; how many of them
+    a LoRA backward node keeps) after one forward."""
+    seen = []   # held here, so a recomputed tensor cannot take a freed one's address
+    modules = [m for name, m in model.named_modules() if name.endswith(names)]
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.append(args[0])) if inputs
+             else m.register_forward_hook(lambda _, args, out: seen.append(out)) for m in modules]
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    for hook in hooks:
+        hook.remove()
+    kept = {t.untyped_storage().data_ptr() for node in _lora_nodes(loss) for t in node.saved_tensors if t is not None}
+    return len(seen), sum(t.untyped_storage().data_ptr() in kept for t in seen)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -216,7 +233,8 @@ def test_down_proj_adapter_input_is_recomputed_not_kept(monkeypatch, checkpointi
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(11)
-        runs[recompute] = (_step(model, ids), None if checkpointing else _kept_down_inputs(model, ids))
+        runs[recompute] = (_step(model, ids), None if checkpointing
+                           else _kept_by_adapters(model, ids, ("mlp.down_proj",), inputs=True))
     (loss_a, grads_a), kept_a = runs[True]
     (loss_b, grads_b), kept_b = runs[False]
     assert loss_a == loss_b
@@ -227,31 +245,15 @@ def test_down_proj_adapter_input_is_recomputed_not_kept(monkeypatch, checkpointi
         assert kept_a == (2, 0) and kept_b == (2, 2)   # 2 layers: kept by the plain path, by neither here
 
 
-def _kept_norm_outputs(model, ids) -> tuple[int, int]:
-    """(RMSNorm outputs of the decoder layers seen, how many of them a LoRA backward node keeps) after one forward."""
-    outputs = []   # held here, so a recomputed tensor cannot take a freed output's address
-    hooks = [m.register_forward_hook(lambda _, args, out: outputs.append(out))
-             for name, m in model.named_modules() if name.endswith(("input_layernorm", "post_attention_layernorm"))]
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    for hook in hooks:
-        hook.remove()
-    kept, seen, todo = set(), set(), [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if type(node).__name__ == "LoraPathBackward":
-            kept |= {t.untyped_storage().data_ptr() for t in node.saved_tensors if t is not None}
-        todo += [n for n, _ in node.next_functions]
-    return len(outputs), sum(t.untyped_storage().data_ptr() in kept for t in outputs)
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch-ops"])
+def test_norm_output_feeding_adapters_is_recomputed_not_kept(monkeypatch, checkpointing, native):
+    """The q/k/v and gate/up adapters save the RMSNorm's input and row scales (already kept by the norm), not its
+    output; backward makes the output again, bit-identical, once per norm, and drops it after its last adapter."""
+    from qlorax.engine import lora_native
 
-
-def test_norm_output_feeding_adapters_is_recomputed_not_kept(monkeypatch):
-    """The q/k/v and gate/up adapters keep the RMSNorm's recipe (its kept input and row scales), not its output;
-    backward recomputes the output, bit-identical."""
+    if not native:
+        monkeypatch.setattr(lora_native, "usable", lambda *args: False)
     ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(6))
     runs = {}
     for recompute in (True, False):
@@ -259,15 +261,53 @@ def test_norm_output_feeding_adapters_is_recomputed_not_kept(monkeypatch):
             monkeypatch.setattr(lean, "NormOutput", lambda *args: None)
         model = _tiny_peft_model(dropout=0.1, targets=("q_proj", "v_proj", "gate_proj", "up_proj"))
         assert lean.make_lean(model, autocast=True)["fused_lora"] == 8
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(12)
-        runs[recompute] = (_step(model, ids), _kept_norm_outputs(model, ids))
+        runs[recompute] = (_step(model, ids), None if checkpointing else _kept_by_adapters(
+            model, ids, ("input_layernorm", "post_attention_layernorm"), inputs=False))
+        if recompute:   # every rebuild ends its backward with no adopter left and nothing held
+            model.train()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            rebuilds = {node.recompute for node in _lora_nodes(loss) if node.recompute is not None}
+            # 2 layers x 2 norms, less the first layer's input norm unless checkpointing makes the embeddings'
+            # output want a gradient; each norm adopted by its two adapters
+            assert len(rebuilds) == (4 if checkpointing else 3) and {r.users for r in rebuilds} == {2}
+            loss.backward()
+            assert all(r.users == 0 and r.cached is None for r in rebuilds)
     (loss_a, grads_a), kept_a = runs[True]
     (loss_b, grads_b), kept_b = runs[False]
     assert loss_a == loss_b
     for name, grad in grads_b.items():
         assert torch.equal(grads_a[name], grad), name
-    # 2 layers x 2 norms; the first layer's input needs no gradient, so its input norm has no recipe (kept by both)
-    assert kept_b == (4, 4) and kept_a == (4, 1)
+    if not checkpointing:   # the first layer's input needs no gradient: its input norm has no recipe (kept by both)
+        assert kept_b == (4, 4) and kept_a == (4, 1)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_native_rotary_in_a_model_gives_the_same_step(monkeypatch, checkpointing):
+    """A model whose heads the native rotary takes (head size 32): loss and gradients bit-identical to transformers'
+    rotary, with and without gradient checkpointing."""
+    from transformers.models.llama import modeling_llama
+
+    original = modeling_llama.apply_rotary_pos_emb
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(8))
+    runs = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(lean, "_native_rotary", lambda attention_class: 0)
+            monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", getattr(original, "qlorax_original", original))
+        model = _tiny_peft_model(dropout=0.0, hidden_size=128, intermediate_size=256)
+        assert lean.make_lean(model, autocast=True)["rotary"] == (2 * int(lean_native.library() is not None)
+                                                                   if native else 0)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        runs.append(_step(model, ids))
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert loss_a == loss_b
+    for name, grad in grads_b.items():
+        assert torch.equal(grads_a[name], grad), name
 
 
 def _unfuse(model) -> int:

@@ -112,15 +112,17 @@ def test_patched_modules_take_the_native_kernels_and_fall_back_with_the_same_for
 
 @pytest.mark.parametrize("batch,heads,kv_heads,length,dim,cos_batch", [(1, 32, 4, 256, 64, 1), (3, 8, 2, 33, 128, 3),
                                                                         (2, 4, 4, 7, 32, 1)])
-def test_rotary_is_bit_identical_to_transformers_both_ways(batch, heads, kv_heads, length, dim, cos_batch):
+def test_rotary_is_bit_identical_to_transformers_both_ways(batch, heads, kv_heads, length, dim, cos_batch, monkeypatch):
     """The native rotary against transformers' apply_rotary_pos_emb and autograd: q and k as the attention makes them
     (transposed views of [B, L, H, D]), GQA, cos and sin broadcast over the batch or not."""
+    from transformers.models.llama import modeling_llama
     from transformers.models.llama.modeling_llama import LlamaAttention
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as current
 
     from qlorax.engine import lean
 
     original = getattr(current, "qlorax_original", current)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)   # put back after the test
     assert lean._native_rotary(LlamaAttention) == 1
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as replaced
 

@@ -34,9 +34,10 @@ def _reference(x, base, a, b, grad, scaling, seed, p):
 
 
 @needs_kernels
-# ranks 4, 8 and 16 take the backward compiled for them; 12 the general one
+# ranks 4, 8, 16 and 32 take the backward compiled for them; 12 the general one
 @pytest.mark.parametrize("rows,cols,outs,rank,p", [(37, 64, 96, 4, 0.0), (37, 64, 96, 4, 0.3), (300, 2048, 256, 8, 0.05),
-                                                   (100, 256, 2048, 16, 0.1), (50, 128, 64, 12, 0.1)])
+                                                   (100, 256, 2048, 16, 0.1), (50, 128, 64, 12, 0.1),
+                                                   (20, 64, 96, 32, 0.2)])
 def test_forward_and_backward_match_fp32_autograd_with_the_same_mask(rows, cols, outs, rank, p):
     x, base, a, b, grad = _case(rows, cols, outs, rank)
     seed, threshold, drop_scale = 1234, lora_dropout.threshold(p), 1 / (1 - p)

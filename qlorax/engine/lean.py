@@ -105,7 +105,9 @@ def _is_silu(act) -> bool:
 
 # ------------------------------------------------------------------ RMSNorm
 def _rmsnorm_forward(self, hidden_states):
-    return _rmsnorm_class().apply(hidden_states, self.weight, self.variance_epsilon)
+    import torch
+
+    return _rmsnorm_class().apply(hidden_states, self.weight, self.variance_epsilon, torch.is_grad_enabled())
 
 
 @functools.cache   # made on first use, so importing this module needs no torch
@@ -120,12 +122,12 @@ def _rmsnorm_class():
         """
 
         @staticmethod
-        def forward(ctx, x, weight, eps):
+        def forward(ctx, x, weight, eps, grad_enabled=False):
             xf = x.float()
             rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
             ctx.save_for_backward(x, weight, rstd)
             out = _rmsnorm_output(x, rstd, weight)
-            if any(ctx.needs_input_grad[:2]):   # consumers may keep this recipe instead of ``out`` (``NormOutput``)
+            if grad_enabled and any(ctx.needs_input_grad[:2]):   # consumers may keep this recipe, not ``out``
                 out.qlorax_recompute = NormOutput(x, rstd, weight)
             return out
 
@@ -135,7 +137,7 @@ def _rmsnorm_class():
             want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             if lean_native.usable(grad, x, weight):
                 grad_x, grad_weight = lean_native.rmsnorm_backward(grad, x, rstd, weight, want_dx, want_dw)
-                return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype), None
+                return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
             xhat = x.float() * rstd
             grad_weight = None
             if want_dw:
@@ -145,7 +147,7 @@ def _rmsnorm_class():
             if want_dx:
                 g = grad.float() * weight.float()
                 grad_x = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
-            return grad_x, grad_weight, None
+            return grad_x, grad_weight, None, None
 
     return RMSNorm
 
@@ -162,18 +164,34 @@ class NormOutput:
 
     The LoRA adapters on q/k/v and on gate/up keep their input for A's gradient: the norm's output, 4 MiB per
     layer and kind at batch 4 on the 1.1B shape (176 MiB all-linear) that the norm's own backward does not need,
-    since it keeps its input. ``lora_fused`` keeps this recipe instead and recomputes the output in backward: once
-    for all the adapters sharing it (``tensor`` caches it until the last of them is done with the recipe).
+    since it keeps its input. A consumer (``lora_fused``) calls ``adopt``: it saves the returned tensors (x, rstd)
+    with ``save_for_backward`` like its own (so saved-tensor hooks, gradient checkpointing's among them, see them)
+    and in backward gets the output again from ``_NormRebuild.output`` with them: computed once for all the
+    adopters, held until the last of them has it, then dropped.
     """
-    __slots__ = ("x", "rstd", "weight", "cached")
+    __slots__ = ("x", "rstd", "rebuild")
 
     def __init__(self, x, rstd, weight):
-        self.x, self.rstd, self.weight, self.cached = x, rstd, weight, None
+        self.x, self.rstd, self.rebuild = x, rstd, _NormRebuild(weight)
 
-    def tensor(self):
-        if self.cached is None:
-            self.cached = _rmsnorm_output(self.x, self.rstd, self.weight)
-        return self.cached
+    def adopt(self):
+        """(tensors to save, the object whose ``output(*saved)`` gives the output in backward)."""
+        self.rebuild.users += 1
+        return (self.x, self.rstd), self.rebuild
+
+
+class _NormRebuild:
+    """What an adopter of a ``NormOutput`` keeps besides its saved tensors: the norm's weight and the shared copy."""
+    __slots__ = ("weight", "cached", "users")
+
+    def __init__(self, weight):
+        self.weight, self.cached, self.users = weight, None, 0
+
+    def output(self, x, rstd):
+        out = self.cached if self.cached is not None else _rmsnorm_output(x, rstd, self.weight)
+        self.users -= 1
+        self.cached = out if self.users > 0 else None   # the last adopter's backward drops it
+        return out
 
 
 # ------------------------------------------------------------------ rotary position embedding
@@ -205,7 +223,7 @@ def _native_rotary(attention_class) -> int:
 
 
 def _rotary_forward(q, k, cos, sin, *args, original, **kwargs):
-    if (not args and not kwargs.get("position_ids") and kwargs.get("unsqueeze_dim", 1) == 1
+    if (not args and kwargs.get("position_ids") is None and kwargs.get("unsqueeze_dim", 1) == 1
             and not (cos.requires_grad or sin.requires_grad)
             and lean_native.rotary_usable(q, cos, sin) and lean_native.rotary_usable(k, cos, sin)):
         return _rotary_class().apply(q, k, cos, sin)

@@ -75,8 +75,8 @@ def _function():
     class LoraPath(torch.autograd.Function):
         """out = base + (dropout(x) @ A.T * scaling) @ B.T, in the base output's dtype.
 
-        ``recompute``: where x is an output the producer can give again (``lean.NormOutput``: ``tensor()``), that
-        recipe is kept instead of x and x is recomputed in backward."""
+        ``recompute``: where x is an output its producer can give again (``lean.NormOutput``), the tensors its
+        ``adopt()`` names are saved instead of x, and x is made again from them in backward."""
 
         @staticmethod
         def forward(ctx, x, base, a, b, scaling, p, recompute=None):
@@ -87,14 +87,15 @@ def _function():
             if ctx.native:
                 x_c = x_c.contiguous()
             # the recipe stands for x only where x reaches the kernels as it is (no cast, no copy)
-            ctx.recompute = recompute if recompute is not None and x_c is x else None
+            keep, ctx.recompute = (x_c,), None
+            if recompute is not None and x_c is x:
+                keep, ctx.recompute = recompute.adopt()
             ctx.width = x.shape[-1]
-            keep = None if ctx.recompute is not None else x_c
             if ctx.native:   # one pass per tensor, dropout inline (lora_native)
                 ctx.hash = (int(lora_dropout.new_seed()) if p > 0 else 0, lora_dropout.threshold(p), 1.0 / (1.0 - p))
                 adapter = lora_native.weights(a, b)
                 out, middle = lora_native.forward(x_c, base, adapter, scaling, *ctx.hash)
-                ctx.save_for_backward(keep, middle, *adapter[:2])
+                ctx.save_for_backward(middle, *adapter[:2], *keep)
                 return out
             a_c, b_c = a.to(dtype), b.to(dtype)
             kept, token = lora_dropout.drop(x_c, p) if p > 0 else (x_c, None)
@@ -103,26 +104,27 @@ def _function():
             # The input is kept, not its dropped copy: adapters on one input (q, k, v; gate, up) share it, and
             # backward drops it again from the token (a seed: nothing else is kept).
             need_x = ctx.needs_input_grad[0]   # the first layer's input needs no gradient: keep no A
-            ctx.save_for_backward(keep, middle, a_c if need_x else None, b_c, token)
+            ctx.save_for_backward(middle, a_c if need_x else None, b_c, token, *keep)
             return out
 
         @staticmethod
-        def _kept_input(ctx, saved):
-            return saved if ctx.recompute is None else ctx.recompute.tensor().reshape(-1, ctx.width)
+        def _kept_input(ctx, kept):
+            """x as the forward had it: kept, or made again from what its recipe had saved."""
+            return kept[0] if ctx.recompute is None else ctx.recompute.output(*kept).reshape(-1, ctx.width)
 
         @staticmethod
         def backward(ctx, grad):
             if ctx.native:
-                x_c, middle, a16, bt16 = ctx.saved_tensors
-                x_c = LoraPath._kept_input(ctx, x_c)
+                middle, a16, bt16, *kept = ctx.saved_tensors
+                x_c = LoraPath._kept_input(ctx, kept)
                 want = ctx.needs_input_grad
                 grad_x, grad_a, grad_b = lora_native.backward(grad.to(x_c.dtype), x_c, middle, (a16, bt16, None),
                                                               ctx.scaling, *ctx.hash, want[0], want[2], want[3])
                 return (None if grad_x is None else grad_x.to(ctx.x_dtype), grad,
                         None if grad_a is None else grad_a.to(ctx.a_dtype),
                         None if grad_b is None else grad_b.to(ctx.b_dtype), None, None, None)
-            x_c, middle, a_c, b_c, token = ctx.saved_tensors
-            x_c = LoraPath._kept_input(ctx, x_c)
+            middle, a_c, b_c, token, *kept = ctx.saved_tensors
+            x_c = LoraPath._kept_input(ctx, kept)
             grad = grad.to(x_c.dtype)
             grad_b = (grad.t() @ middle).to(ctx.b_dtype) if ctx.needs_input_grad[3] else None
             grad_middle = (grad @ b_c).mul_(ctx.scaling)

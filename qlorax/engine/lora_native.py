@@ -213,8 +213,8 @@ def usable(x, base, rank: int) -> bool:
 
 def weights(a, b):
     """The adapter's A [r, K] and B [N, r] (any float dtype) as the kernels read them: (A bf16, B^T bf16 [r, N],
-    B^T as fp32 holding the bf16 values). Made once per step in forward and kept for backward: three small copies
-    where each direction made its own (seven per adapter and step, about 12 us each)."""
+    B^T as fp32 holding the bf16 values). Made once per forward call and kept for its backward: three small copies
+    where each direction made its own (seven per adapter and micro-batch, about 12 us each)."""
     import torch
 
     a16 = a.to(torch.bfloat16).contiguous()

@@ -137,7 +137,7 @@ int qlorax_quantize_rows(const uint16_t* x, const float* col_scale, int8_t* out,
    first, offset 8; times a multiplier per 64: mult [N, K/64]), never as a whole int8 weight in memory: unpacked 64
    values at a time (16 at a strip's unaligned edge) into the input gradient's strips, and 32 rows at a time into the
    forward's panels where x fits one L2-sized chunk (``unpacks_inside``: batch 1; with more chunks each panel would be
-   unpacked once per chunk, and ``native``'s whole-weight unpack first measured faster). */
+   unpacked once per chunk, and ``native``'s whole-weight unpack measured as fast or faster). */
 typedef struct { const int8_t* w; const uint8_t* packed; const uint8_t* mult; int64_t K; } weight_t;
 
 /* An int4 group's 16 possible int8 values, (nibble - 8) * multiplier, for each multiplier (int8.MULT_MAX = 18 at
@@ -482,7 +482,7 @@ def _max_chunk(cols: int) -> int:
 def chunk_rows(rows: int, cols: int) -> int:
     """The forward's rows of x per chunk: every weight panel serves one chunk's rows, read from L2, before the kernel
     moves on to the next chunk. The chunks are at most ``CHUNK_BYTES`` of int8 rows and as even as can be (multiples
-    of 32). On 2 cores of the AMX machine (22 weights, 256 rows x 5632 -> 2048, s per 22): 64 rows 43 ms, 128 38 ms,
+    of 32). On 2 cores of the AMX machine (ms per 22 weights, 256 rows x 5632 -> 2048): 64 rows 43 ms, 128 38 ms,
     256 36 ms; 1024 x 2048 -> 5632: 256 rows 145 ms, 512 142 ms."""
     padded = -(-rows // 16) * 16
     chunks = -(-padded // _max_chunk(cols))
