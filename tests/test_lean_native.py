@@ -143,3 +143,22 @@ def test_rotary_is_bit_identical_to_transformers_both_ways(batch, heads, kv_head
     fp32 = torch.randn(1, 2, 3, 64)   # what the kernel does not take goes to transformers' own
     cos = torch.randn(1, 3, 64)
     assert all(torch.equal(a, b) for a, b in zip(replaced(fp32, fp32, cos, cos), original(fp32, fp32, cos, cos)))
+
+
+def test_a_rotary_the_probe_finds_different_is_left_and_probed_once(monkeypatch, caplog):
+    """Where the probe disagrees with transformers' function, it stays in place: probed and warned about once for
+    all the model's attention layers, not once per layer."""
+    from transformers.models.llama import modeling_llama
+
+    from qlorax.engine import lean
+
+    current = modeling_llama.apply_rotary_pos_emb
+    original = getattr(current, "qlorax_original", current)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+    monkeypatch.setattr(lean, "_ROTARY_REFUSED", set())
+    probes = []
+    monkeypatch.setattr(lean, "_rotary_agrees", lambda *args: probes.append(args) or False)
+    with caplog.at_level("WARNING", logger="qlorax"):
+        assert [lean._native_rotary(modeling_llama.LlamaAttention) for _ in range(3)] == [0, 0, 0]
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert len(probes) == 1 and caplog.text.count("differs from the native rotary") == 1

@@ -42,6 +42,7 @@ RMSNORM_CLASSES = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNo
 GATED_MLP_CLASSES = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"}
 PLAIN_HEAD_CLASSES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 ROTARY_ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention"}
+_ROTARY_REFUSED: set[str] = set()   # modules whose apply_rotary_pos_emb the probe found different: not probed again
 HEAD_CHUNK_ELEMENTS = 2 ** 22   # fp32 logits per chunk: 16 MiB (8 MiB: 4 chunks at 256 tokens, the head 25% slower)
 
 
@@ -208,13 +209,14 @@ def _native_rotary(attention_class) -> int:
 
     module = sys.modules.get(attention_class.__module__)
     original = getattr(module, "apply_rotary_pos_emb", None)
-    if original is None or not lean_native.usable():
+    if original is None or module.__name__ in _ROTARY_REFUSED or not lean_native.usable():
         return 0
     if getattr(original, "qlorax_original", None) is not None:
         return 1
     replacement = functools.partial(_rotary_forward, original=original)
     replacement.qlorax_original = original
-    if not _rotary_agrees(original, replacement):
+    if not _rotary_agrees(original, replacement):   # once per module, not once per layer
+        _ROTARY_REFUSED.add(module.__name__)
         log.warning("lean kernels: %s.apply_rotary_pos_emb differs from the native rotary; left as it is",
                     module.__name__)
         return 0
