@@ -74,6 +74,10 @@ class QuantConfig(_Freezable):
                        "bf16 matmul) or int8 (int8 x int8 matmuls for forward and input gradient from a kept int8 "
                        "copy of the weight; ~2x the bf16 rate on VNNI/AMX Xeons, 1 byte per weight)",
                        choices=("bf16", "int8"))
+    bf16_matmul: str = opt("auto", help="bf16 compute of a bitsandbytes 4-bit base: the matmul kernel: auto (qlorax's "
+                           "AMX-BF16 tile kernels, which decode the 4-bit weight inside the matmul, on CPUs with AMX; "
+                           "elsewhere the weight is dequantized whole for torch's matmul) or torch (dequantize whole "
+                           "everywhere)", choices=("auto", "torch"))
     int8_weight: str = opt("int8", help="int8 compute: how the base weight is kept: int8 (1 byte per weight, fastest) or "
                            "int4 (4 bits plus an integer multiplier per 64 weights, unpacked to int8 per use by a native "
                            "loop: NF4's memory, 3-14% slower than int8 on the 1.1B shape; made from the local "

@@ -37,6 +37,9 @@ def test_loss_falls_over_the_reference_recipe(quotes_run):
     assert last < first - 0.3, (first, last)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.2, summary
+    from qlorax.engine.quant import amx_4bit   # NF4 bf16-compute: decoded inside AMX tiles where the CPU has them
+
+    assert summary["compute"] == {"compute": "bf16", "matmul": "amx" if amx_4bit.library() is not None else "torch"}
 
 
 def test_memory_stays_flat_while_training(quotes_run):

@@ -78,7 +78,14 @@ def use_compute(model, spec: RunSpec, calibration_batches: list, held_out_batche
     ``model_dir``: the local checkpoint the model was loaded from, where int4 storage reads the original weights.
     """
     if spec.quant.compute == "bf16":
-        return {"compute": "bf16"}
+        if spec.quant.backend != "bnb":
+            return {"compute": "bf16"}
+        from qlorax.engine.quant import bnb_cpu
+
+        matmul = bnb_cpu.use_tile_kernels(model, spec.quant.bf16_matmul)
+        log.info("quant.compute=bf16: 4-bit weights %s", "decoded inside AMX-BF16 tile matmuls" if matmul == "amx"
+                 else "dequantized whole for each matmul")
+        return {"compute": "bf16", "matmul": matmul}
     from qlorax.engine.quant import int8_guard
 
     dense_weight = _float_weight

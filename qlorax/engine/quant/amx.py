@@ -39,22 +39,20 @@ INCLUDES = r"""
 #include <stdlib.h>
 #include <omp.h>
 """
-# Shared by every tile kernel (this file's and ``engine.attention``'s), inside their extern "C" block.
+# Shared by every tile kernel (this file's, ``amx_4bit``'s and ``engine.attention``'s), inside their extern "C"
+# block: the tile configuration, thread buffers and shares, the B operand's dword layout, the 2 x 2 tile product
+# and the epilogue's transpose.
 TILES = r"""
 /* Linux keeps AMX's tile data off until a process asks (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA). */
 int qlorax_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
 
-static void configure(void) {   /* 8 tiles of 16 rows x 64 bytes: C 0-3 (16 x 16 int32 or fp32), A 4-5, B 6-7 */
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; ++t) { c.colsb[t] = 64; c.rows[t] = 16; }
-    _tile_loadconfig(&c);
-}
-"""
-SOURCE = r"""
+/* 8 tiles of 16 rows x 64 bytes: C 0-3 (16 x 16 int32 or fp32), A 4-5, B 6-7. A constant: a stack copy filled just
+   before ldtilecfg was found half written where the compiler inlined it (its stores dropped as dead: a fault). */
+static const tile_config TILE_CONFIG __attribute__((aligned(64))) = {
+    1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+static void configure(void) { _tile_loadconfig(&TILE_CONFIG); }
 
 /* This thread's scratch buffer of at least `bytes` (a multiple of 64), kept across calls and grown as needed (*buffer
    and *capacity: the caller's static __thread pair); NULL where memory ran out. */
@@ -67,24 +65,9 @@ static int8_t* thread_buffer(int8_t** buffer, int64_t* capacity, int64_t bytes) 
     return *buffer;
 }
 
-/* Row xr [K] (bf16) times col_scale [K] as int8 with one fp32 scale (max|row| -> 127, rounded to nearest even). */
-static inline void quantize_row(const uint16_t* xr, const float* col_scale, int64_t K, int8_t* out, float* scale) {
-    __m512 amax = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16)
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_mul_ps(load_bf16(xr + k), _mm512_loadu_ps(col_scale + k))));
-    float m = _mm512_reduce_max_ps(amax);
-    if (m < 1e-12f) m = 1e-12f;
-    *scale = m / 127.0f;
-    const __m512 mul = _mm512_set1_ps(127.0f / m);
-    for (int64_t k = 0; k < K; k += 16) {
-        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_bf16(xr + k), _mm512_loadu_ps(col_scale + k)), mul);
-        /* rounded to nearest even, saturated */
-        _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
-    }
-}
-
-/* 16 plain int8 rows (rows [16][K]) in the tile B operand's layout, out [K/4][16][4]: per 16 columns, four 64-byte
-   lines, each one 4-column quad of all 16 rows (a dword transpose in registers; whole lines written). */
+/* 16 rows of K bytes (rows [16][K]) in the tile B operand's layout, out [K/4][16][4]: per 16 bytes, four 64-byte
+   lines, each one 4-byte dword of all 16 rows (a dword transpose in registers; whole lines written). int8 rows give
+   4 columns per dword, bf16 rows (K = 2 x columns) 2. */
 static inline void vnni_block(const int8_t* rows, int64_t K, int8_t* out) {
     const __m512i quads = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     for (int64_t k = 0; k < K; k += 16) {
@@ -103,6 +86,95 @@ static inline void vnni_block(const int8_t* rows, int64_t K, int8_t* out) {
         _mm512_storeu_si512((void*)(o + 64), _mm512_shuffle_i64x2(u0, u1, 0xDD));
         _mm512_storeu_si512((void*)(o + 128), _mm512_shuffle_i64x2(u2, u3, 0x88));
         _mm512_storeu_si512((void*)(o + 192), _mm512_shuffle_i64x2(u2, u3, 0xDD));
+    }
+}
+
+/* TILE_PRODUCT(name, type, dp): the 2 x 2 tile product every linear kernel runs (dp: _tile_dpbssd for int8,
+   _tile_dpbf16ps for bf16; type: the C tiles' int32_t or float): C tiles 0-3 (A row block 0 or 1 times B column
+   block 0 or 1, stored to c[2 * a + b]) summed over `steps` steps, each 64 bytes further along A's rows (16 rows lda
+   bytes apart) and b_step bytes further along B (16 rows ldb bytes apart), added to c's tiles where `accumulate`.
+   two_a / two_b: the second A / B block exists. hook (or NULL), called after each step as hook(hook_ctx, step,
+   steps): vector work interleaved with the tile unit's. */
+#define TILE_PRODUCT(name, type, dp)                                                                                  \
+static inline __attribute__((always_inline)) void name(const void* a0_, const void* a1_, int64_t lda,             \
+                                                       const void* b0_, const void* b1_, int64_t ldb, int64_t b_step, \
+                                                       int64_t steps, int two_a, int two_b, int accumulate,           \
+                                                       type c[4][256],                                                \
+                                                       void (*hook)(void*, int64_t, int64_t), void* hook_ctx) {      \
+    const int8_t *a0 = (const int8_t*)a0_, *a1 = (const int8_t*)a1_;                                               \
+    const int8_t *b0 = (const int8_t*)b0_, *b1 = (const int8_t*)b1_;                                               \
+    if (accumulate) {                                                                                              \
+        _tile_loadd(0, c[0], 64); _tile_loadd(1, c[1], 64); _tile_loadd(2, c[2], 64); _tile_loadd(3, c[3], 64);    \
+    } else {                                                                                                       \
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);                                                \
+    }                                                                                                              \
+    for (int64_t s = 0; s < steps; ++s) {                                                                          \
+        _tile_loadd(4, a0 + s * 64, lda);                                                                          \
+        _tile_loadd(6, b0 + s * b_step, ldb);                                                                      \
+        dp(0, 4, 6);                                                                                               \
+        if (two_b) { _tile_loadd(7, b1 + s * b_step, ldb); dp(1, 4, 7); }                                          \
+        if (two_a) {                                                                                               \
+            _tile_loadd(5, a1 + s * 64, lda);                                                                      \
+            dp(2, 5, 6);                                                                                           \
+            if (two_b) dp(3, 5, 7);                                                                                \
+        }                                                                                                          \
+        if (hook) hook(hook_ctx, s, steps);                                                                        \
+    }                                                                                                              \
+    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);    \
+}
+
+/* The 16 x 16 block c of 32-bit values (int32 or fp32; c[r * 16 + j]) transposed into registers, out[j] = column j:
+   four rounds of in-register shuffles (64 of them), about half the cost of 16 gathers of a column each. */
+static inline void transpose16(const int32_t* c, __m512i out[16]) {
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i + 0] = _mm512_shuffle_i32x4(r[i + 0], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i + 0], r[i + 4], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 4; ++i) {
+        r[i + 0] = _mm512_shuffle_i32x4(t[i + 0], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i + 0], t[i + 8], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    }
+    for (int i = 0; i < 16; ++i) out[i] = r[i];
+}
+
+/* The threads' share of [0, units): contiguous, as even as can be. */
+static void share(int64_t units, int64_t* lo, int64_t* hi) {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    *lo = units * t / threads;
+    *hi = units * (t + 1) / threads;
+}
+"""
+SOURCE = r"""
+
+/* Row xr [K] (bf16) times col_scale [K] as int8 with one fp32 scale (max|row| -> 127, rounded to nearest even). */
+static inline void quantize_row(const uint16_t* xr, const float* col_scale, int64_t K, int8_t* out, float* scale) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_mul_ps(load_bf16(xr + k), _mm512_loadu_ps(col_scale + k))));
+    float m = _mm512_reduce_max_ps(amax);
+    if (m < 1e-12f) m = 1e-12f;
+    *scale = m / 127.0f;
+    const __m512 mul = _mm512_set1_ps(127.0f / m);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_mul_ps(load_bf16(xr + k), _mm512_loadu_ps(col_scale + k)), mul);
+        /* rounded to nearest even, saturated */
+        _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
     }
 }
 
@@ -182,57 +254,7 @@ static inline void pack16(const weight_t* W, int64_t g, int64_t k, int8_t* o) {
     _mm_storeu_si128((__m128i*)(o + 48), _mm_unpackhi_epi16(p01h, p23h));
 }
 
-/* The 2 x 2 tile product both kernels run: C tiles 0-3 (A row block 0 or 1 times B column block 0 or 1, stored to
-   c[2 * a + b]) summed over `steps` steps, each 64 bytes further along A's rows (16 rows lda apart) and b_step bytes
-   further along B (16 rows ldb apart). two_a / two_b: the second A / B block exists. */
-static inline __attribute__((always_inline)) void tile_product(const int8_t* a0, const int8_t* a1, int64_t lda,
-                                                               const int8_t* b0, const int8_t* b1, int64_t ldb,
-                                                               int64_t b_step, int64_t steps, int two_a, int two_b,
-                                                               int32_t c[4][256]) {
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t s = 0; s < steps; ++s) {
-        _tile_loadd(4, a0 + s * 64, lda);
-        _tile_loadd(6, b0 + s * b_step, ldb);
-        _tile_dpbssd(0, 4, 6);
-        if (two_b) { _tile_loadd(7, b1 + s * b_step, ldb); _tile_dpbssd(1, 4, 7); }
-        if (two_a) {
-            _tile_loadd(5, a1 + s * 64, lda);
-            _tile_dpbssd(2, 5, 6);
-            if (two_b) _tile_dpbssd(3, 5, 7);
-        }
-    }
-    _tile_stored(0, c[0], 64); _tile_stored(1, c[1], 64); _tile_stored(2, c[2], 64); _tile_stored(3, c[3], 64);
-}
-
-/* The 16 x 16 int32 block c (c[r * 16 + j]) transposed into registers, out[j] = column j: four rounds of in-register
-   shuffles (64 of them), about half the cost of 16 gathers of a column each. */
-static inline void transpose16(const int32_t* c, __m512i out[16]) {
-    __m512i r[16], t[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(c + 16 * i);
-    for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {
-        r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int i = 0; i < 4; ++i) {
-        t[i + 0] = _mm512_shuffle_i32x4(r[i + 0], r[i + 4], 0x88);
-        t[i + 4] = _mm512_shuffle_i32x4(r[i + 0], r[i + 4], 0xdd);
-        t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-        t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 4; ++i) {
-        r[i + 0] = _mm512_shuffle_i32x4(t[i + 0], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i + 0], t[i + 8], 0xdd);
-        r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-        r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
-    }
-    for (int i = 0; i < 16; ++i) out[i] = r[i];
-}
+TILE_PRODUCT(tile_product, int32_t, _tile_dpbssd)
 
 /* Forward y [M, N] (bf16) = (xq @ W.T) * row_scale[m] * col_scale[n], output columns [n0, n1) (multiples of 16).
    W [N, K] int8 row-major is the A operand as it lies; xq comes "vnni" with Mp (M rounded up to 16) rows. The
@@ -258,7 +280,7 @@ static void forward_columns(const weight_t* W, const int8_t* xq, const float* ro
         for (int64_t m = mc; m < m_end; m += 32) {
             const int two_m = m + 32 <= m_end;
             const int8_t* b0 = xq + m * K;        /* block m/16 starts at (m/16) * 16K bytes; 64 k: 16 rows of 64 */
-            tile_product(a0, a1, K, b0, b0 + 16 * K, 64, 1024, K / 64, two_n, two_m, c);
+            tile_product(a0, a1, K, b0, b0 + 16 * K, 64, 1024, K / 64, two_n, two_m, 0, c, NULL, NULL);
             for (int t = 0; t < 4; ++t) {
                 const int tn = t >> 1, tm = t & 1;
                 if ((tn && !two_n) || (tm && !two_m)) continue;
@@ -319,7 +341,7 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
             for (int64_t k = 0; k < width; k += 32) {
                 const int two_k = k + 32 <= width;
                 const int8_t* b = strip + k * 4;   /* 64 n: 16 strip rows of `stride` bytes */
-                tile_product(a0, a1, N, b, b + 64, stride, 16 * stride, N / 64, two_m, two_k, c);
+                tile_product(a0, a1, N, b, b + 64, stride, 16 * stride, N / 64, two_m, two_k, 0, c, NULL, NULL);
                 for (int t = 0; t < 4; ++t) {
                     const int tm = t >> 1, tk = t & 1;
                     if ((tm && !two_m) || (tk && !two_k)) continue;
@@ -335,12 +357,6 @@ static void backward_columns(const weight_t* W, const int8_t* gq, const float* r
         }
     }
     _tile_release();
-}
-/* The threads' share of [0, units): contiguous, as even as can be. */
-static void share(int64_t units, int64_t* lo, int64_t* hi) {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    *lo = units * t / threads;
-    *hi = units * (t + 1) / threads;
 }
 
 /* y [M, N] = forward_columns over all of N, split in 32-column blocks over torch's OpenMP threads (the same

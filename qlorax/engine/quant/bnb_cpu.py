@@ -11,11 +11,13 @@ Installed by overriding the CPU implementation of the ``bitsandbytes::dequantize
 which both the forward (``gemm_4bit``) and the backward path call. Cases the fast path does
 not cover fall back to bitsandbytes' generic implementation.
 
-``linear4bit_forward`` replaces ``Linear4bit.forward`` for training on the CPU: the same
-dequantize-then-matmul as bitsandbytes' ``MatMul4Bit`` (bit-identical results), but the
-dequantized weight goes into one per-thread scratch buffer, reused by every layer.
-The weight only lives for one matmul, so a fresh 23 MB allocation per weight, twice per step,
-is pure churn: it fragments the heap (peak RSS) and costs Python and allocator time.
+``linear4bit_forward`` replaces ``Linear4bit.forward`` for training on the CPU. On CPUs with AMX-BF16 both matmuls
+run in ``amx_4bit``'s tile kernels, which decode the 4-bit weight inside the matmul (the same weight values; fp32
+sums in another order), unless ``quant.bf16_matmul=torch`` (``use_tile_kernels``). Elsewhere it is the same
+dequantize-then-matmul as bitsandbytes' ``MatMul4Bit`` (bit-identical results), but the dequantized weight goes into
+one per-thread scratch buffer, reused by every layer. The weight only lives for one matmul, so a fresh 23 MB
+allocation per weight, twice per step, is pure churn: it fragments the heap (peak RSS) and costs Python and
+allocator time.
 """
 from __future__ import annotations
 
@@ -132,21 +134,46 @@ def install() -> bool:
 
 
 # ------------------------------------------------------------------ training forward/backward
+def _absmax(state):
+    """The weight's fp32 block scales (double quantization's dequantized first)."""
+    if not state.nested:
+        return state.absmax
+    from bitsandbytes import functional as F
+
+    return (F.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
 def _dequantize_scratch(weight, state):
     """The weight dequantized into this thread's scratch buffer for its shape: valid until the next call."""
     import torch
     from bitsandbytes import functional as F
 
-    absmax = state.absmax
-    if state.nested:
-        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        absmax = absmax.float()
     out = scratch(state.shape, state.dtype)
-    done = dequantize_rows(weight, absmax, state.blocksize, state.quant_type, state.shape, state.dtype,
+    done = dequantize_rows(weight, _absmax(state), state.blocksize, state.quant_type, state.shape, state.dtype,
                            torch.get_num_threads(), out=out)
     if done is None:
         F.dequantize_4bit(weight, state, out=out)
     return out
+
+
+def _tile_kernels(tiles: bool, x, state):
+    """``amx_4bit`` where it may (``tiles``) and can run this weight's matmuls for activations ``x``, else None."""
+    from qlorax.engine.quant import amx_4bit
+
+    return amx_4bit if tiles and amx_4bit.usable(state, x) else None
+
+
+def use_tile_kernels(model, matmul: str) -> str:
+    """Set every bitsandbytes 4-bit layer's ``quant.bf16_matmul`` (auto: ``amx_4bit`` where it runs; torch: the
+    whole-weight dequantization); returns what runs: amx or torch."""
+    import bitsandbytes as bnb
+
+    from qlorax.engine.quant import amx_4bit
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.qlorax_tiles = matmul == "auto"
+    return "amx" if matmul == "auto" and amx_4bit.library() is not None else "torch"
 
 
 @functools.cache   # made on first use: importing this module needs no torch
@@ -154,23 +181,35 @@ def _dequant_linear():
     import torch
 
     class DequantLinear(torch.autograd.Function):
-        """y = x @ dequant(W).T + b; the frozen 4-bit weight gets no gradient, as in MatMul4Bit."""
+        """y = x @ dequant(W).T + b; the frozen 4-bit weight gets no gradient, as in MatMul4Bit. On AMX-BF16 the
+        weight is decoded inside the tile kernels (``amx_4bit``); elsewhere dequantized whole into scratch."""
 
         @staticmethod
-        def forward(ctx, x, weight, bias, state):
-            ctx.weight, ctx.state = weight, state
-            w = _dequantize_scratch(weight, state)
-            return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+        def forward(ctx, x, weight, bias, state, tiles):
+            ctx.weight, ctx.state, ctx.tiles = weight, state, tiles
+            tiles = _tile_kernels(tiles, x, state)
+            if tiles is None:
+                w = _dequantize_scratch(weight, state)
+                return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+            y = tiles.forward(x.reshape(-1, x.shape[-1]), weight, _absmax(state), state)
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            return y if bias is None else y + bias
 
         @staticmethod
         def backward(ctx, grad):
             grad_x = grad_bias = None
             if ctx.needs_input_grad[0]:
-                w = _dequantize_scratch(ctx.weight, ctx.state)
-                grad_x = torch.matmul(grad, w.to(grad.dtype))
+                tiles = _tile_kernels(ctx.tiles, grad, ctx.state)
+                if tiles is None:
+                    w = _dequantize_scratch(ctx.weight, ctx.state)
+                    grad_x = torch.matmul(grad, w.to(grad.dtype))
+                else:
+                    grad_x = tiles.backward(grad.reshape(-1, grad.shape[-1]), ctx.weight, _absmax(ctx.state),
+                                            ctx.state)
+                    grad_x = grad_x.reshape(*grad.shape[:-1], grad_x.shape[-1])
             if ctx.needs_input_grad[2]:
                 grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-            return grad_x, None, grad_bias, None
+            return grad_x, None, grad_bias, None, None
 
     return DequantLinear
 
@@ -185,4 +224,5 @@ def linear4bit_forward(module, x):
     bias = module.bias
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
-    return _dequant_linear().apply(x.to(compute), module.weight, bias, state).to(x.dtype)
+    tiles = getattr(module, "qlorax_tiles", True)   # quant.bf16_matmul (``use_tile_kernels``); auto by default
+    return _dequant_linear().apply(x.to(compute), module.weight, bias, state, tiles).to(x.dtype)
