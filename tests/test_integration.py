@@ -39,7 +39,10 @@ def test_loss_falls_over_the_reference_recipe(quotes_run):
     assert summary["final_eval_loss"] < summary["initial_eval_loss"] - 0.2, summary
     from qlorax.engine.quant import amx_4bit   # NF4 bf16-compute: decoded inside AMX tiles where the CPU has them
 
-    assert summary["compute"] == {"compute": "bf16", "matmul": "amx" if amx_4bit.library() is not None else "torch"}
+    # stories260K's 4-bit layers: q/k/v/o (64 and 32 wide) fit the tiles; gate/up/down (172 wide) do not
+    tiled = 20 if amx_4bit.library() is not None else 0
+    assert summary["compute"] == {"compute": "bf16", "matmul": "mixed" if tiled else "torch", "tile_layers": tiled,
+                                  "layers": 35}
 
 
 def test_memory_stays_flat_while_training(quotes_run):

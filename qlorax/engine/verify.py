@@ -80,7 +80,7 @@ def _load_tuned(spec: RunSpec, paths: RunPaths, model_path: str, precision: str)
         if spec.verify.load_in_4bit:
             from qlorax.engine.quant.bnb import prepare_cpu
 
-            prepare_cpu(model)
+            prepare_cpu(model, spec.quant.bf16_matmul)
         return model.eval(), f"{paths.merged}" + (" (loaded 4-bit)" if spec.verify.load_in_4bit else "")
     from peft import PeftModel
 

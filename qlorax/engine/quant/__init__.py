@@ -82,10 +82,10 @@ def use_compute(model, spec: RunSpec, calibration_batches: list, held_out_batche
             return {"compute": "bf16"}
         from qlorax.engine.quant import bnb_cpu
 
-        matmul = bnb_cpu.use_tile_kernels(model, spec.quant.bf16_matmul)
-        log.info("quant.compute=bf16: 4-bit weights %s", "decoded inside AMX-BF16 tile matmuls" if matmul == "amx"
-                 else "dequantized whole for each matmul")
-        return {"compute": "bf16", "matmul": matmul}
+        tiles = bnb_cpu.use_tile_kernels(model, spec.quant.bf16_matmul)
+        log.info("quant.compute=bf16: %d of %d 4-bit layers decoded inside AMX-BF16 tile matmuls, the rest "
+                 "dequantized whole for each matmul", tiles["tile_layers"], tiles["layers"])
+        return {"compute": "bf16", **tiles}
     from qlorax.engine.quant import int8_guard
 
     dense_weight = _float_weight

@@ -5,7 +5,8 @@ step (forward and input gradient), and hands it to torch's matmul, which on a pl
 oneDNN's tile layout on every call. Both passes write and read a bf16 copy of the weight (23 MB for 5632 x 2048)
 through memory. The kernels here read the 4-bit weight as it lies and decode it straight into the tile operands in
 L1/L2, the same values bit for bit (``native``'s ``qlorax_dequant4_bf16``: code[nibble] * absmax rounded to
-nearest even, one vpermw per 32 values):
+nearest even, one vpermw per 32 values; the conversion here flushes products below 1.2e-38 to zero, which the tile
+unit would flush as inputs anyway):
 
 - forward ``y = x @ W.T``: 32 rows of W at a time are decoded into a panel, the A operand as it lies (16 rows x 32
   values per tile load); x is laid out as the B operand (2 consecutive columns of 16 rows per dword: ``vnni_block``
@@ -20,10 +21,11 @@ back after each step): the vector and tile units work side by side.
 Both split their output columns over torch's own OpenMP threads and accumulate in fp32, as oneDNN does; the sums
 run in another order, so results agree with dequantize-then-matmul to fp32 rounding, not bit for bit.
 
-Used where the CPU reports AMX-BF16, the kernels build, activations are bf16, the weight is 2-D with in_features a
-multiple of 64 and of the block size (64 or more, a multiple of 64; bitsandbytes' CPU blocks do not straddle
-rows otherwise) and out_features a multiple of 32 (``usable``); elsewhere the scratch-buffer
-path runs.
+Used where the CPU reports AMX-BF16, the kernels build, activations are bf16 (bf16 compute), and the weight is 2-D
+with in_features a multiple of 64 and of the block size (a multiple of 64) and out_features a multiple of 32
+(``fits``, ``usable``; where blocks straddle rows bitsandbytes' CPU layout is not the flat one the kernels read: a
+64 x 192 weight in blocks of 128 decoded wrong); elsewhere the scratch-buffer path runs. A bias is added in fp32
+before the one rounding, as ``F.linear`` does.
 """
 from __future__ import annotations
 
@@ -62,9 +64,9 @@ static inline void decode64(const weight4_t* W, int64_t r, int64_t k, __m512i ou
 
 TILE_PRODUCT(tile_product_bf16, float, _tile_dpbf16ps)
 
-/* Decoding a panel of the forward's A operand, `rows` rows of W from row n on ([rows][ld] bf16), in units of one row
-   times 64 columns, spread over the tile products of the panel before it (as ``strip_job``). */
-typedef struct { const weight4_t* W; uint16_t* panel; int64_t n, rows, ld, done, from, to; } panel_job;
+/* Decoding a panel of the forward's A operand, W's 32 rows from row n on ([32][ld] bf16), in units of one row times
+   64 columns, spread over the tile products of the panel before it (as ``block_job``). */
+typedef struct { const weight4_t* W; uint16_t* panel; int64_t n, ld, done, from, to; } panel_job;
 
 static inline void decode_rows(panel_job* j, int64_t until) {
     const int64_t per_row = j->W->K / 64;
@@ -82,46 +84,49 @@ static void panel_hook(void* ctx, int64_t step, int64_t steps) {
     decode_rows(j, j->from + (j->to - j->from) * (step + 1) / steps);
 }
 
-/* Forward y [M, N] (bf16) = x @ W.T, output columns [n0, n1) (multiples of 16). Each 32-row panel of W is decoded
+/* Forward y [M, N] (bf16) = x @ W.T + bias (fp32, or NULL), output columns [n0, n1) (multiples of 32). Each 32-row
+   panel of W is decoded
    (once per chunk of x's rows) into one of `panels` ([32][K + 32] bf16: rows 4 KiB apart would share L1 sets), the A
    operand as it lies, the next panel into the other during this one's products; xp is x "vnni" ([Mp/16][K/2][16][2],
    Mp = M rounded up to 16). The tile product is y's transpose, turned in the epilogue. */
-static void forward_columns(const weight4_t* W, const uint16_t* xp, uint16_t* y, uint16_t* panels[2], int64_t M,
-                            int64_t N, int64_t K, int64_t chunk, int64_t n0, int64_t n1) {
+static void forward_columns(const weight4_t* W, const uint16_t* xp, const float* bias, uint16_t* y,
+                            uint16_t* panels[2], int64_t M, int64_t N, int64_t K, int64_t chunk, int64_t n0,
+                            int64_t n1) {
     configure();
     const int64_t Mp = (M + 15) / 16 * 16, ld = K + 32;
     float c[4][256] __attribute__((aligned(64)));
-    panel_job next = {W, panels[0], n0, n0 + 32 <= n1 ? 32 : 16, ld, 0, 0, 0};
-    decode_rows(&next, next.rows * (K / 64));
+    const int64_t units = 32 * (K / 64);
+    panel_job next = {W, panels[0], n0, ld, 0, 0, 0};
+    decode_rows(&next, units);
     int64_t p = 0;
     for (int64_t mc = 0; mc < Mp; mc += chunk)
     for (int64_t n = n0; n < n1; n += 32, ++p) {
-        const int two_n = next.rows == 32;
         const uint16_t* panel = next.panel;
         const int64_t nn = n + 32 < n1 ? n + 32 : n0;   /* the next panel: this chunk's next, or the next chunk's */
         const int more = n + 32 < n1 || mc + chunk < Mp;
-        next = (panel_job){W, panels[(p + 1) & 1], nn, nn + 32 <= n1 ? 32 : 16, ld, 0, 0, 0};
-        const int64_t units = more ? next.rows * (K / 64) : 0;
+        next = (panel_job){W, panels[(p + 1) & 1], nn, ld, 0, 0, 0};
+        const int64_t todo = more ? units : 0;
         const int64_t m_end = mc + chunk < Mp ? mc + chunk : Mp;
         int64_t products = (m_end - mc + 31) / 32;
         for (int64_t m = mc; m < m_end; m += 32, --products) {
             const int two_m = m + 32 <= m_end;
             const uint16_t* b0 = xp + m * K;   /* block m/16: 16 rows of K values; 32 k: 16 lines of 64 bytes */
             next.from = next.done;
-            next.to = next.done + (units - next.done + products - 1) / products;
-            tile_product_bf16(panel, panel + 16 * ld, 2 * ld, b0, b0 + 16 * K, 64, 1024, K / 32, two_n, two_m, 0, c,
+            next.to = next.done + (todo - next.done + products - 1) / products;
+            tile_product_bf16(panel, panel + 16 * ld, 2 * ld, b0, b0 + 16 * K, 64, 1024, K / 32, 1, two_m, 0, c,
                               panel_hook, &next);
             for (int t = 0; t < 4; ++t) {
                 const int tn = t >> 1, tm = t & 1;
-                if ((tn && !two_n) || (tm && !two_m)) continue;
+                if (tm && !two_m) continue;
                 const int64_t nb = n + 16 * tn, mb = m + 16 * tm;
+                const __m512 b = bias ? _mm512_loadu_ps(bias + nb) : _mm512_setzero_ps();
                 __m512i col[16];
                 transpose16((const int32_t*)c[t], col);
-                for (int j = 0; j < 16 && mb + j < M; ++j)   /* col[j][r] = y[mb + j][nb + r] */
-                    store_bf16(y + (mb + j) * N + nb, _mm512_castsi512_ps(col[j]));
+                for (int j = 0; j < 16 && mb + j < M; ++j)   /* col[j][r] = y[mb + j][nb + r], rounded once */
+                    store_bf16(y + (mb + j) * N + nb, _mm512_add_ps(_mm512_castsi512_ps(col[j]), b));
             }
         }
-        decode_rows(&next, units);
+        decode_rows(&next, todo);
     }
     _tile_release();
 }
@@ -169,7 +174,7 @@ static block_job next_block(block_job j, uint16_t* block, int64_t N, int64_t k1,
 /* Input gradient dx [M, K] (bf16) = g @ W, output columns [k0, k1) (multiples of 64). g [Mp, N] bf16 is the A
    operand as it lies (rows past M zero). W is decoded into the B operand one block at a time, a strip of `kc_max` of
    dx's columns times `nb_max` of W's rows (``blocking``), the next block into the other of `blocks` while the tile
-   unit multiplies this one. A strip's fp32 sums stay in acc, its tile-sized C blocks ([Mp/32][kc_max/32][4][256]),
+   unit multiplies this one. A strip's fp32 sums stay in acc, its tile-sized C blocks ([ceil(Mp/32)][width/32][4][256]),
    across its row blocks, so each strip reads g once however many rows W has, and a block fits L2 beside the sums. */
 static void backward_columns(const weight4_t* W, const uint16_t* g, uint16_t* dx, uint16_t* blocks[2], float* acc,
                              int64_t M, int64_t N, int64_t K, int64_t kc_max, int64_t nb_max, int64_t k0, int64_t k1) {
@@ -231,20 +236,21 @@ int qlorax_amx4_pack_rows(const uint16_t* x, uint16_t* out, int64_t M, int64_t K
 }
 
 int qlorax_amx4_forward(const uint8_t* packed, const float* absmax, const float* code, int64_t blocksize,
-                        const uint16_t* xp, uint16_t* y, int64_t M, int64_t N, int64_t K, int64_t chunk) {
+                        const uint16_t* xp, const float* bias, uint16_t* y, int64_t M, int64_t N, int64_t K,
+                        int64_t chunk) {
     const weight4_t W = {packed, absmax, code, K, blocksize};
     int failed = 0;
     #pragma omp parallel reduction(|: failed)
     {
-        static __thread int8_t* buffer = NULL;   /* 32 decoded rows */
+        static __thread int8_t* buffer = NULL;   /* two panels of 32 decoded rows */
         static __thread int64_t capacity = 0;
         uint16_t* panels[2] = {(uint16_t*)thread_buffer(&buffer, &capacity, 128 * (K + 32)), NULL};
         int64_t lo, hi;
-        share((N + 31) / 32, &lo, &hi);
+        share(N / 32, &lo, &hi);
         if (lo < hi && !panels[0]) failed = 1;
         else if (lo < hi) {
             panels[1] = panels[0] + 32 * (K + 32);
-            forward_columns(&W, xp, y, panels, M, N, K, chunk, lo * 32, hi * 32 < N ? hi * 32 : N);
+            forward_columns(&W, xp, bias, y, panels, M, N, K, chunk, lo * 32, hi * 32);
         }
     }
     return failed;   /* 1: a panel buffer could not be allocated */
@@ -281,6 +287,7 @@ int qlorax_amx4_backward(const uint8_t* packed, const float* absmax, const float
 CHUNK_BYTES = 1536 * 1024   # the forward's bf16 rows of x per chunk: most of a 2 MiB L2, the weight panel besides
 SUM_BYTES = 1024 * 1024     # the backward's fp32 sums of one strip of dx's columns
 BLOCK_BYTES = 384 * 1024    # the backward's block of decoded W (rows x strip columns): two, besides the sums, in L2
+LONG_BLOCK_ROWS = 2048      # ... where dy has more than 512 rows: W's rows per block, at most
 
 
 @functools.cache
@@ -296,23 +303,27 @@ def library():
         return None
     address, size = ctypes.c_void_p, ctypes.c_int64
     lib.qlorax_amx4_pack_rows.argtypes = [address] * 2 + [size] * 2
-    lib.qlorax_amx4_forward.argtypes = [address] * 3 + [size] + [address] * 2 + [size] * 4
+    lib.qlorax_amx4_forward.argtypes = [address] * 3 + [size] + [address] * 3 + [size] * 4
     lib.qlorax_amx4_backward.argtypes = [address] * 3 + [size] + [address] * 2 + [size] * 5
     for function in (lib.qlorax_amx4_pack_rows, lib.qlorax_amx4_forward, lib.qlorax_amx4_backward):
         function.restype = ctypes.c_int
     return lib
 
 
-def usable(state, x) -> bool:
-    """The kernels can run both matmuls of the 4-bit weight described by bitsandbytes' ``state`` for activations x."""
-    import torch
-
-    if x.dtype != torch.bfloat16 or len(state.shape) != 2 or state.quant_type not in ("nf4", "fp4"):
+def fits(state) -> bool:
+    """The kernels can take the 4-bit weight bitsandbytes' ``state`` describes (its shape and blocks; any dtype:
+    the decoded values are rounded to bf16 once, as the fallback's ``w.to(bf16)`` rounds them)."""
+    if len(state.shape) != 2 or state.quant_type not in ("nf4", "fp4"):
         return False
     outs, ins = (int(d) for d in state.shape)
-    return (ins % 64 == 0 and outs % 32 == 0 and state.blocksize % 64 == 0 and ins % state.blocksize == 0
-            and state.dtype == torch.bfloat16
-            and library() is not None)
+    return ins % 64 == 0 and outs % 32 == 0 and state.blocksize % 64 == 0 and ins % state.blocksize == 0
+
+
+def usable(state, x) -> bool:
+    """The kernels run both matmuls of that weight for activations ``x``: bf16, at least one row, on AMX-BF16."""
+    import torch
+
+    return x.dtype == torch.bfloat16 and x.numel() > 0 and fits(state) and library() is not None
 
 
 @functools.cache
@@ -334,19 +345,23 @@ def chunk_rows(rows: int, cols: int) -> int:
 def blocking(rows: int, outs: int) -> tuple[int, int]:
     """The backward's (dx columns per strip, W rows per block) for ``rows`` of dy and a weight of ``outs`` rows: 256
     columns where the strip's fp32 sums ([rows, columns]) fit ``SUM_BYTES`` (fewer, to 64, beyond); blocks of decoded
-    values of at most ``BLOCK_BYTES``, twice that beyond 512 rows of dy (longer products hide a longer decode), as
-    even as can be (multiples of 32 rows). On 2 cores of the AMX machine (ms; rows per block in brackets; 128 or 192
-    columns were slower at both): 256 x 5632 -> 2048 3.11 (768) / 3.30 (1024) / 3.57 (all); 1024 x 5632 -> 2048
-    11.86 (768) / 11.30 (1024) / 10.85 (all)."""
+    values of at most ``BLOCK_BYTES``, or beyond 512 rows of dy, whose longer products hide a longer decode, of up to
+    ``LONG_BLOCK_ROWS`` rows; as even as can be (multiples of 32 rows). On 2 cores of the AMX machine (ms, the input
+    gradient of one weight; rows per block in brackets; 128 or 192 columns were slower at both): dy 256 x 5632 ->
+    dx 2048 3.11 (768) / 3.30 (960) / 3.57 (1888); dy 1024 x 5632 -> 2048 11.86 (704) / 11.30 (960) / 10.85 (1888);
+    dy 1024 x 2048 -> 5632 12.52 (704) / 11.76 (1024) / 11.86 (2048); dy 1024 x 2048 -> 2048 4.34 (704) / 4.24
+    (1024) / 4.17 (2048). Whole blocks of a 5632-row weight (2.9 MB each) cost the 1.1B shape's batch 4 step a
+    fifth of its speed (NF4 0.83x bf16 LoRA, against 1.04x)."""
     padded = -(-rows // 16) * 16
     columns = min(256, max(64, SUM_BYTES // (4 * padded) // 64 * 64))
-    most = max(32, BLOCK_BYTES * (2 if padded > 512 else 1) // (2 * columns) // 32 * 32)
+    most = LONG_BLOCK_ROWS if padded > 512 else max(32, BLOCK_BYTES // (2 * columns) // 32 * 32)
     blocks = -(-outs // most)
     return columns, -(-outs // blocks // 32) * 32
 
 
-def forward(x, packed, absmax, state):
-    """``x @ dequantize(W).T`` in bf16 (x bf16 [M, K]; W bitsandbytes' 4-bit [N, K]: ``packed``, fp32 ``absmax``)."""
+def forward(x, packed, absmax, state, bias=None):
+    """``x @ dequantize(W).T + bias`` in bf16, rounded once (x bf16 [M, K]; W bitsandbytes' 4-bit [N, K]: ``packed``,
+    fp32 ``absmax``; ``bias`` [N] or None)."""
     import torch
 
     lib = library()
@@ -357,8 +372,9 @@ def forward(x, packed, absmax, state):
     if lib.qlorax_amx4_pack_rows(pointer(x), pointer(xp), rows, cols):
         raise MemoryError(f"AMX 4-bit forward: no memory for 32 x {cols} padded rows")
     y = torch.empty(rows, outs, dtype=torch.bfloat16)
+    bias = None if bias is None else bias.float().contiguous()
     if lib.qlorax_amx4_forward(pointer(packed), pointer(absmax), pointer(_code(state.quant_type)), state.blocksize,
-                               pointer(xp), pointer(y), rows, outs, cols, chunk_rows(rows, cols)):
+                               pointer(xp), pointer(bias), pointer(y), rows, outs, cols, chunk_rows(rows, cols)):
         raise MemoryError(f"AMX 4-bit forward: no memory for two 32 x {cols} panel buffers")
     return y
 

@@ -35,7 +35,7 @@ def load(spec: RunSpec, path: str, compute_dtype: str):
     prequantized = Path(q.prequantized_dir) if q.prequantized_dir else None
     with quantizing_allocator():
         model = _quantized_model(spec, path, dtype, settings, prequantized)
-    prepare_cpu(model)
+    prepare_cpu(model, q.bf16_matmul)
     if prequantized and not stream.is_prequantized(prequantized):
         from transformers import AutoTokenizer
 
@@ -92,15 +92,16 @@ def _weight_setter(quant_type: str, double_quant: bool, compute_dtype):
     return set_weight
 
 
-def prepare_cpu(model) -> None:
+def prepare_cpu(model, bf16_matmul: str = "auto") -> dict:
     """Make bitsandbytes' 4-bit layers train correctly and fast on the CPU.
 
     Pitfall: a Linear4bit run in eval mode without gradients on an AVX512-BF16 CPU repacks
     its weight in place for an inference kernel; later training steps then use the repacked
     bytes as if they were the original layout and get wrong adapter gradients (only a
     UserWarning). The same kernel also rejects layers whose output size is not a multiple of
-    its block. Dequantization, done twice per weight per micro-batch, is spread over threads and
-    writes into a reused scratch buffer (bnb_cpu.linear4bit_forward).
+    its block. The two matmuls per weight per micro-batch run in AMX tile kernels that decode the 4-bit weight
+    (``quant.bf16_matmul``, ``bnb_cpu.use_tile_kernels``); elsewhere its dequantization is spread over threads and
+    writes into a reused scratch buffer (bnb_cpu.linear4bit_forward). Returns ``use_tile_kernels``' report.
     """
     import bitsandbytes as bnb
 
@@ -111,6 +112,7 @@ def prepare_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
             module.forward = types.MethodType(bnb_cpu.linear4bit_forward, module)
     bnb_cpu.install()
+    return bnb_cpu.use_tile_kernels(model, bf16_matmul)
 
 
 def save_quantized(model, out_dir: Path, tokenizer, quant_type: str, double_quant: bool, compute_dtype,

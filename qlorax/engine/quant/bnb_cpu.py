@@ -163,17 +163,25 @@ def _tile_kernels(tiles: bool, x, state):
     return amx_4bit if tiles and amx_4bit.usable(state, x) else None
 
 
-def use_tile_kernels(model, matmul: str) -> str:
+def use_tile_kernels(model, matmul: str) -> dict:
     """Set every bitsandbytes 4-bit layer's ``quant.bf16_matmul`` (auto: ``amx_4bit`` where it runs; torch: the
-    whole-weight dequantization); returns what runs: amx or torch."""
+    whole-weight dequantization). Returns what runs, for the log and ``train_summary.json``: matmul amx (every 4-bit
+    layer in the tile kernels), mixed or torch, with the count of layers in the tiles (with bf16 activations)."""
     import bitsandbytes as bnb
 
     from qlorax.engine.quant import amx_4bit
 
+    layers = tiled = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.qlorax_tiles = matmul == "auto"
-    return "amx" if matmul == "auto" and amx_4bit.library() is not None else "torch"
+            state = getattr(module.weight, "quant_state", None)
+            layers += 1
+            tiled += bool(module.qlorax_tiles and state is not None and amx_4bit.fits(state))
+    if tiled and amx_4bit.library() is None:
+        tiled = 0
+    return {"matmul": "torch" if not tiled else "amx" if tiled == layers else "mixed", "tile_layers": tiled,
+            "layers": layers}
 
 
 @functools.cache   # made on first use: importing this module needs no torch
@@ -191,9 +199,8 @@ def _dequant_linear():
             if tiles is None:
                 w = _dequantize_scratch(weight, state)
                 return torch.nn.functional.linear(x, w.to(x.dtype), bias)
-            y = tiles.forward(x.reshape(-1, x.shape[-1]), weight, _absmax(state), state)
-            y = y.reshape(*x.shape[:-1], y.shape[-1])
-            return y if bias is None else y + bias
+            y = tiles.forward(x.reshape(-1, x.shape[-1]), weight, _absmax(state), state, bias)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx, grad):
@@ -215,7 +222,8 @@ def _dequant_linear():
 
 
 def linear4bit_forward(module, x):
-    """``Linear4bit.forward`` through the scratch-buffer path; bitsandbytes' own forward elsewhere."""
+    """``Linear4bit.forward`` through ``DequantLinear`` (AMX tile kernels or the scratch buffer) on the CPU;
+    bitsandbytes' own forward elsewhere."""
     state = getattr(module.weight, "quant_state", None)
     if (x.device.type != "cpu" or state is None or len(state.shape) != 2 or x.shape[-1] != state.shape[1]
             or getattr(state, "packing_format_for_cpu", False)):
@@ -224,5 +232,5 @@ def linear4bit_forward(module, x):
     bias = module.bias
     if bias is not None and bias.dtype != compute:
         bias = bias.to(compute)
-    tiles = getattr(module, "qlorax_tiles", True)   # quant.bf16_matmul (``use_tile_kernels``); auto by default
+    tiles = getattr(module, "qlorax_tiles", True)   # quant.bf16_matmul, set by ``use_tile_kernels``; auto otherwise
     return _dequant_linear().apply(x.to(compute), module.weight, bias, state, tiles).to(x.dtype)
