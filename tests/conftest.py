@@ -75,3 +75,21 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str, code: 
     for needle in needles:
         assert needle in output, f"{needle!r} not in:\n{output}"
     return output
+
+
+def linear4bit(n_in: int, n_out: int, quant_type: str, nested: bool, bias: bool):
+    """A bitsandbytes 4-bit linear layer on the CPU with random bf16 weights (and bias), kept off bitsandbytes'
+    inference repacking, as qlorax's loader keeps it."""
+    import bitsandbytes as bnb
+    import torch
+
+    layer = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.bfloat16, quant_type=quant_type,
+                              compress_statistics=nested, quant_storage=torch.uint8)
+    layer.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in, dtype=torch.bfloat16) * 0.1, requires_grad=False,
+                                     quant_type=quant_type, compress_statistics=nested, quant_storage=torch.uint8)
+    layer = layer.to("cpu")
+    layer.support_avx512bf16_for_cpu = False
+    if bias:
+        layer.bias.data = torch.randn(n_out, dtype=torch.bfloat16)
+        layer.bias.requires_grad_(True)
+    return layer

@@ -8,6 +8,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 from bitsandbytes import functional as F  # noqa: E402
 
+from conftest import linear4bit  # noqa: E402
 from qlorax.engine.quant import amx_4bit, bnb_cpu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(amx_4bit.library() is None,
@@ -18,7 +19,6 @@ pytestmark = pytest.mark.skipif(amx_4bit.library() is None,
 SHAPES = [(21, 64, 64, "nf4", 64, False), (37, 96, 192, "fp4", 64, True), (800, 160, 2048, "nf4", 128, False),
           (64, 2048, 512, "nf4", 64, True), (300, 5632, 128, "fp4", 64, False)]
 
-
 @pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
 def threads(request):
     """Panels and strips split over torch's threads: 1 and 3 (this machine's default is its core count)."""
@@ -27,14 +27,12 @@ def threads(request):
     yield request.param
     torch.set_num_threads(before)
 
-
 def _quantized(outs, cols, quant_type, blocksize, nested, seed=0):
     torch.manual_seed(seed)
     weight = torch.randn(outs, cols, dtype=torch.bfloat16) * 0.05
     packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested,
                                     quant_storage=torch.uint8)
     return packed, state, F.dequantize_4bit(packed, state).to(torch.bfloat16)
-
 
 @pytest.mark.parametrize("rows,outs,cols,quant_type,blocksize,nested", SHAPES)
 def test_kernels_decode_exactly_the_dequantized_weight(rows, outs, cols, quant_type, blocksize, nested, threads):
@@ -52,7 +50,6 @@ def test_kernels_decode_exactly_the_dequantized_weight(rows, outs, cols, quant_t
     pick = torch.arange(rows) * 5 % outs
     assert torch.equal(amx_4bit.backward(torch.eye(outs, dtype=torch.bfloat16)[pick], packed, absmax, state), dense[pick])
 
-
 @pytest.mark.parametrize("rows,outs,cols,quant_type,blocksize,nested", SHAPES)
 def test_forward_and_input_gradient_agree_with_float64_products(rows, outs, cols, quant_type, blocksize, nested,
                                                                 threads):
@@ -66,27 +63,13 @@ def test_forward_and_input_gradient_agree_with_float64_products(rows, outs, cols
         error = (got.double() - want).abs()
         assert bool((error <= want.abs() * 2 ** -8 + want.abs().max() * 1e-5).all()), float(error.max())
 
-
-def _layer(n_in, n_out, quant_type, nested, bias):
-    layer = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.bfloat16, quant_type=quant_type,
-                              compress_statistics=nested, quant_storage=torch.uint8)
-    layer.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in, dtype=torch.bfloat16) * 0.1, requires_grad=False,
-                                     quant_type=quant_type, compress_statistics=nested, quant_storage=torch.uint8)
-    layer = layer.to("cpu")
-    layer.support_avx512bf16_for_cpu = False
-    if bias:
-        layer.bias.data = torch.randn(n_out, dtype=torch.bfloat16)
-        layer.bias.requires_grad_(True)
-    return layer
-
-
 @pytest.mark.parametrize("quant_type,nested,bias", [("nf4", False, False), ("fp4", True, True)])
 def test_linear_takes_the_tiles_and_matches_the_dequantized_path(quant_type, nested, bias, monkeypatch):
     """``linear4bit_forward`` runs both matmuls in the tile kernels (where quant.bf16_matmul=auto) and gives the
     whole-weight path's values and gradients to bf16 rounding; a width the kernels cannot take falls back."""
     torch.manual_seed(1)
-    layers = [_layer(128, 192, quant_type, nested, bias), _layer(192, 128, quant_type, nested, bias)]
-    odd = _layer(128, 100, quant_type, nested, bias)   # 100 outputs: not a multiple of 32
+    layers = [linear4bit(128, 192, quant_type, nested, bias), linear4bit(192, 128, quant_type, nested, bias)]
+    odd = linear4bit(128, 100, quant_type, nested, bias)   # 100 outputs: not a multiple of 32
     x = torch.randn(3, 7, 128, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(3, 7, 128, dtype=torch.bfloat16)
     calls = []
@@ -115,26 +98,23 @@ def test_linear_takes_the_tiles_and_matches_the_dequantized_path(quant_type, nes
     for got, want in zip(tiled, whole):
         assert float((got - want).norm() / want.norm()) < 1e-2
 
-
 def test_empty_input_takes_the_whole_weight_path():
     """No rows: nothing for the tiles to do; the fallback returns the empty product."""
-    layer = _layer(64, 64, "nf4", False, False)
+    layer = linear4bit(64, 64, "nf4", False, False)
     x = torch.randn(0, 64, dtype=torch.bfloat16)
     assert not amx_4bit.usable(layer.weight.quant_state, x)
     assert bnb_cpu.linear4bit_forward(layer, x).shape == (0, 64)
 
-
 def test_use_tile_kernels_follows_the_config_and_counts_the_layers():
     """quant.bf16_matmul=torch turns the tiles off on every 4-bit layer; auto turns them on, and the report counts the
     layers whose shape fits."""
-    model = torch.nn.Sequential(_layer(64, 64, "nf4", False, False), torch.nn.Linear(64, 64))
+    model = torch.nn.Sequential(linear4bit(64, 64, "nf4", False, False), torch.nn.Linear(64, 64))
     assert bnb_cpu.use_tile_kernels(model, "torch") == {"matmul": "torch", "tile_layers": 0, "layers": 1}
     assert model[0].qlorax_tiles is False
     assert bnb_cpu.use_tile_kernels(model, "auto") == {"matmul": "amx", "tile_layers": 1, "layers": 1}
     assert model[0].qlorax_tiles is True and not hasattr(model[1], "qlorax_tiles")
-    model.append(_layer(64, 100, "nf4", False, False))   # 100 outputs: not a multiple of 32
+    model.append(linear4bit(64, 100, "nf4", False, False))   # 100 outputs: not a multiple of 32
     assert bnb_cpu.use_tile_kernels(model, "auto") == {"matmul": "mixed", "tile_layers": 1, "layers": 2}
-
 
 def test_chunks_and_blocks_are_sized_to_l2():
     assert amx_4bit.chunk_rows(256, 2048) == 256                    # 1 MiB of x: one chunk

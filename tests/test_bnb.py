@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes")
 
+from conftest import linear4bit  # noqa: E402
 from qlorax import hardware  # noqa: E402
 from qlorax.engine.quant import dequantize, linear_weight_bytes, load_base_model  # noqa: E402
 from qlorax.engine.model import attach_lora, load_tokenizer  # noqa: E402
@@ -217,16 +218,8 @@ def test_scratch_buffer_linear_is_bit_identical_to_bitsandbytes(quant_type, doub
     torch.manual_seed(0)
     layers = []
     for n_in, n_out in ((128, 192), (192, 128), (128, 192)):   # every layer, of any shape, shares the buffer
-        layer = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.bfloat16, quant_type=quant_type,
-                                  compress_statistics=double, quant_storage=torch.uint8)
-        layer.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in, dtype=torch.bfloat16) * 0.1, requires_grad=False,
-                                         quant_type=quant_type, compress_statistics=double, quant_storage=torch.uint8)
-        layer = layer.to("cpu")
-        layer.support_avx512bf16_for_cpu = False
+        layer = linear4bit(n_in, n_out, quant_type, double, bias)
         layer.qlorax_tiles = False   # quant.bf16_matmul=torch: AMX's tile kernels sum in another order
-        if bias:
-            layer.bias.data = torch.randn(n_out, dtype=torch.bfloat16)
-            layer.bias.requires_grad_(True)
         layers.append(layer)
     x = torch.randn(3, 7, 128, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(3, 7, 192, dtype=torch.bfloat16)
