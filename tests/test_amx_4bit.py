@@ -63,6 +63,7 @@ def test_forward_and_input_gradient_agree_with_float64_products(rows, outs, cols
         error = (got.double() - want).abs()
         assert bool((error <= want.abs() * 2 ** -8 + want.abs().max() * 1e-5).all()), float(error.max())
 
+
 @pytest.mark.parametrize("quant_type,nested,bias", [("nf4", False, False), ("fp4", True, True)])
 def test_linear_takes_the_tiles_and_matches_the_dequantized_path(quant_type, nested, bias, monkeypatch):
     """``linear4bit_forward`` runs both matmuls in the tile kernels (where quant.bf16_matmul=auto) and gives the
