@@ -14,7 +14,7 @@ from qlorax.engine.quant import amx_4bit, bnb_cpu  # noqa: E402
 pytestmark = pytest.mark.skipif(amx_4bit.library() is None,
                                 reason="no AMX-BF16 on this CPU (or the kernels did not build)")
 # rows M, outputs N, inputs K, format, block size, double quantization: 21 and 37 rows pad to 32 and 48 (a partial
-# 16-row block); 800 rows of 2048 inputs go in 3 chunks (``chunk_rows``); 2048 and 5632 outputs take several row
+# 16-row block); 800 rows of 2048 inputs go in 3 chunks (``amx.chunk_rows``); 2048 and 5632 outputs take several row
 # blocks (``blocking``) for 64 and 300 rows, their sums kept across blocks; 96 outputs are 3 panels on 2 threads
 SHAPES = [(21, 64, 64, "nf4", 64, False), (37, 96, 192, "fp4", 64, True), (800, 160, 2048, "nf4", 128, False),
           (64, 2048, 512, "nf4", 64, True), (300, 5632, 128, "fp4", 64, False)]
@@ -48,7 +48,8 @@ def test_kernels_decode_exactly_the_dequantized_weight(rows, outs, cols, quant_t
     got = amx_4bit.forward(torch.eye(cols, dtype=torch.bfloat16)[pick], packed, absmax, state)
     assert torch.equal(got, dense[:, pick].t())
     pick = torch.arange(rows) * 5 % outs
-    assert torch.equal(amx_4bit.backward(torch.eye(outs, dtype=torch.bfloat16)[pick], packed, absmax, state), dense[pick])
+    got = amx_4bit.backward(torch.eye(outs, dtype=torch.bfloat16)[pick], packed, absmax, state)
+    assert torch.equal(got, dense[pick])
 
 @pytest.mark.parametrize("rows,outs,cols,quant_type,blocksize,nested", SHAPES)
 def test_forward_and_input_gradient_agree_with_float64_products(rows, outs, cols, quant_type, blocksize, nested,
@@ -118,8 +119,8 @@ def test_use_tile_kernels_follows_the_config_and_counts_the_layers():
     assert bnb_cpu.use_tile_kernels(model, "auto") == {"matmul": "mixed", "tile_layers": 1, "layers": 2}
 
 def test_chunks_and_blocks_are_sized_to_l2():
-    assert amx_4bit.chunk_rows(256, 2048) == 256                    # 1 MiB of x: one chunk
-    assert amx_4bit.chunk_rows(1024, 2048) == 352                   # 3 even chunks of at most 384 rows
+    assert amx_4bit.amx.chunk_rows(256, 2048, value_bytes=2) == 256    # 1 MiB of bf16 x: one chunk
+    assert amx_4bit.amx.chunk_rows(1024, 2048, value_bytes=2) == 352   # 3 even chunks of at most 384 rows
     blocking = amx_4bit.blocking
     assert blocking(256, 5632) == (256, 704)                        # 8 even blocks of at most 768 rows
     assert blocking(1024, 5632) == (256, 1888)                      # beyond 512 rows: 3 even blocks of up to 2048

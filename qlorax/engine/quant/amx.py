@@ -487,7 +487,7 @@ def forward(x, weight, inv_smooth, weight_scale, group_mult=None):
     return y
 
 
-CHUNK_BYTES = 1536 * 1024   # the forward's int8 rows of x per chunk: most of a 2 MiB L2, the weight panel besides
+CHUNK_BYTES = 1536 * 1024   # the forward's rows of x per chunk: most of a 2 MiB L2, the weight panel besides
 STRIP_BYTES = 768 * 1024    # the backward's strip of W columns (N x width): at most this where 128 columns fit
 
 
@@ -495,13 +495,13 @@ def _max_chunk(cols: int) -> int:
     return max(32, CHUNK_BYTES // cols // 32 * 32)
 
 
-def chunk_rows(rows: int, cols: int) -> int:
+def chunk_rows(rows: int, cols: int, value_bytes: int = 1) -> int:
     """The forward's rows of x per chunk: every weight panel serves one chunk's rows, read from L2, before the kernel
-    moves on to the next chunk. The chunks are at most ``CHUNK_BYTES`` of int8 rows and as even as can be (multiples
-    of 32). On 2 cores of the AMX machine (ms per 22 weights, 256 rows x 5632 -> 2048): 64 rows 43 ms, 128 38 ms,
-    256 36 ms; 1024 x 2048 -> 5632: 256 rows 145 ms, 512 142 ms."""
+    moves on to the next chunk. The chunks are at most ``CHUNK_BYTES`` of rows (int8 here; bf16, ``value_bytes=2``,
+    in ``amx_4bit``) and as even as can be (multiples of 32). On 2 cores of the AMX machine (ms per 22 weights, int8,
+    256 rows x 5632 -> 2048): 64 rows 43 ms, 128 38 ms, 256 36 ms; 1024 x 2048 -> 5632: 256 rows 145 ms, 512 142 ms."""
     padded = -(-rows // 16) * 16
-    chunks = -(-padded // _max_chunk(cols))
+    chunks = -(-padded // _max_chunk(cols * value_bytes))
     return -(-padded // chunks // 32) * 32
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 
+from qlorax.engine.quant import amx
 from qlorax.engine.quant.native import pointer
 
 SOURCE = r"""
@@ -85,10 +86,10 @@ static void panel_hook(void* ctx, int64_t step, int64_t steps) {
 }
 
 /* Forward y [M, N] (bf16) = x @ W.T + bias (fp32, or NULL), output columns [n0, n1) (multiples of 32). Each 32-row
-   panel of W is decoded
-   (once per chunk of x's rows) into one of `panels` ([32][K + 32] bf16: rows 4 KiB apart would share L1 sets), the A
-   operand as it lies, the next panel into the other during this one's products; xp is x "vnni" ([Mp/16][K/2][16][2],
-   Mp = M rounded up to 16). The tile product is y's transpose, turned in the epilogue. */
+   panel of W is decoded (once per chunk of x's rows: ``amx.chunk_rows``) into one of `panels` ([32][K + 32] bf16:
+   rows 4 KiB apart would share L1 sets), the A operand as it lies, the next panel into the other during this one's
+   products; xp is x "vnni" ([Mp/16][K/2][16][2], Mp = M rounded up to 16). The tile product is y's transpose,
+   turned in the epilogue. */
 static void forward_columns(const weight4_t* W, const uint16_t* xp, const float* bias, uint16_t* y,
                             uint16_t* panels[2], int64_t M, int64_t N, int64_t K, int64_t chunk, int64_t n0,
                             int64_t n1) {
@@ -284,7 +285,6 @@ int qlorax_amx4_backward(const uint8_t* packed, const float* absmax, const float
 #endif
 """
 
-CHUNK_BYTES = 1536 * 1024   # the forward's bf16 rows of x per chunk: most of a 2 MiB L2, the weight panel besides
 SUM_BYTES = 1024 * 1024     # the backward's fp32 sums of one strip of dx's columns
 BLOCK_BYTES = 384 * 1024    # the backward's block of decoded W (rows x strip columns): two, besides the sums, in L2
 LONG_BLOCK_ROWS = 2048      # ... where dy has more than 512 rows: W's rows per block, at most
@@ -294,8 +294,6 @@ LONG_BLOCK_ROWS = 2048      # ... where dy has more than 512 rows: W's rows per 
 def library():
     """The kernels (a ctypes library), or None where the CPU has no AMX-BF16 or they do not build."""
     import ctypes
-
-    from qlorax.engine.quant import amx
 
     lib = amx.load_tile_library(SOURCE, "qlorax_amx4", "amx_bf16",
                                 "AMX 4-bit kernels unavailable; 4-bit weights are dequantized whole for each matmul")
@@ -333,15 +331,6 @@ def _code(quant_type: str):
     return _get_4bit_code(quant_type, "cpu").float().contiguous()
 
 
-def chunk_rows(rows: int, cols: int) -> int:
-    """The forward's rows of x per chunk (every decoded panel serves one chunk's rows from L2): at most
-    ``CHUNK_BYTES`` of bf16 rows, as even as can be, multiples of 32."""
-    padded = -(-rows // 16) * 16
-    most = max(32, CHUNK_BYTES // (2 * cols) // 32 * 32)
-    chunks = -(-padded // most)
-    return -(-padded // chunks // 32) * 32
-
-
 def blocking(rows: int, outs: int) -> tuple[int, int]:
     """The backward's (dx columns per strip, W rows per block) for ``rows`` of dy and a weight of ``outs`` rows: 256
     columns where the strip's fp32 sums ([rows, columns]) fit ``SUM_BYTES`` (fewer, to 64, beyond); blocks of decoded
@@ -374,7 +363,8 @@ def forward(x, packed, absmax, state, bias=None):
     y = torch.empty(rows, outs, dtype=torch.bfloat16)
     bias = None if bias is None else bias.float().contiguous()
     if lib.qlorax_amx4_forward(pointer(packed), pointer(absmax), pointer(_code(state.quant_type)), state.blocksize,
-                               pointer(xp), pointer(bias), pointer(y), rows, outs, cols, chunk_rows(rows, cols)):
+                               pointer(xp), pointer(bias), pointer(y), rows, outs, cols,
+                               amx.chunk_rows(rows, cols, value_bytes=2)):
         raise MemoryError(f"AMX 4-bit forward: no memory for two 32 x {cols} panel buffers")
     return y
 
