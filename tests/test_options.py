@@ -36,13 +36,14 @@ def test_bf16_lora_without_quantization(tmp_path):
 
 def test_merge_into_dequantized_weights_and_verify_in_4bit(tmp_path):
     run_dir = tmp_path / "deq"
-    result = run_cli("run", *FAST, f"run_dir={run_dir}", "merge.base=dequantized", "verify.load_in_4bit=true")
+    result = run_cli("run", *FAST, f"run_dir={run_dir}", "merge.base=dequantized", "verify.load_in_4bit=true",
+                     "quant.bf16_matmul=torch")
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((run_dir / "merged" / "merge_info.json").read_text())
     assert info["base"] == "dequantized" and info["max_logit_diff"] <= info["tolerance"]
     assert "dequantized 4-bit" in result.stderr
     report = json.loads((run_dir / "verify.json").read_text())
-    assert "(loaded 4-bit)" in report["tuned_model"]
+    assert "(loaded 4-bit, bf16 matmul: torch)" in report["tuned_model"]   # verify honours quant.bf16_matmul
     # Switching the merge base re-merges (a different result), switching back is a new merge too.
     again = run_cli("merge", f"run_dir={run_dir}", "merge.base=original")
     assert again.returncode == 0 and "already merged" not in again.stderr

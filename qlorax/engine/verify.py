@@ -80,8 +80,9 @@ def _load_tuned(spec: RunSpec, paths: RunPaths, model_path: str, precision: str)
         if spec.verify.load_in_4bit:
             from qlorax.engine.quant.bnb import prepare_cpu
 
-            prepare_cpu(model, spec.quant.bf16_matmul)
-        return model.eval(), f"{paths.merged}" + (" (loaded 4-bit)" if spec.verify.load_in_4bit else "")
+            matmul = prepare_cpu(model, spec.quant.bf16_matmul)["matmul"]   # quant.bf16_matmul, as in training
+            return model.eval(), f"{paths.merged} (loaded 4-bit, bf16 matmul: {matmul})"
+        return model.eval(), f"{paths.merged}"
     from peft import PeftModel
 
     step, adapter = checkpoint.require_adapter(paths)
