@@ -28,17 +28,13 @@ ROUNDS = 15
 
 def _decode_after():
     """``amx_4bit``'s library built with the tile products' decode hooks off."""
-    import ctypes
+    from qlorax.engine.quant import amx_4bit
 
-    from qlorax.engine.quant import amx, amx_4bit
-
-    source = amx_4bit.SOURCE.replace("panel_hook, &next", "NULL, NULL").replace("block_hook, &next", "NULL, NULL")
-    lib = amx.load_tile_library(source, "qlorax_amx4_decode_after", "amx_bf16", "variant unavailable")
-    address, size = ctypes.c_void_p, ctypes.c_int64
-    lib.qlorax_amx4_pack_rows.argtypes = [address] * 2 + [size] * 2
-    lib.qlorax_amx4_forward.argtypes = [address] * 3 + [size] + [address] * 3 + [size] * 4
-    lib.qlorax_amx4_backward.argtypes = [address] * 3 + [size] + [address] * 2 + [size] * 5
-    return lib
+    source = amx_4bit.SOURCE
+    for hook in ("panel_hook, &next", "block_hook, &next"):   # each kernel's one call with its hook
+        assert source.count(hook) == 1, f"amx_4bit.SOURCE no longer calls the tile product with {hook!r}"
+        source = source.replace(hook, "NULL, NULL")
+    return amx_4bit.build(source, "qlorax_amx4_decode_after", "variant unavailable")
 
 
 def main(tokens: list[int]) -> None:

@@ -293,10 +293,16 @@ LONG_BLOCK_ROWS = 2048      # ... where dy has more than 512 rows: W's rows per 
 @functools.cache
 def library():
     """The kernels (a ctypes library), or None where the CPU has no AMX-BF16 or they do not build."""
+    return build(SOURCE, "qlorax_amx4",
+                 "AMX 4-bit kernels unavailable; 4-bit weights are dequantized whole for each matmul")
+
+
+def build(source: str, stem: str, unavailable: str):
+    """``source`` (``SOURCE`` or a variant of it: ``benchmarks/amx4_micro.py``) built as ``stem`` with its functions'
+    signatures; None, warning ``unavailable``, where it cannot run (``amx.load_tile_library``)."""
     import ctypes
 
-    lib = amx.load_tile_library(SOURCE, "qlorax_amx4", "amx_bf16",
-                                "AMX 4-bit kernels unavailable; 4-bit weights are dequantized whole for each matmul")
+    lib = amx.load_tile_library(source, stem, "amx_bf16", unavailable)
     if lib is None:
         return None
     address, size = ctypes.c_void_p, ctypes.c_int64
