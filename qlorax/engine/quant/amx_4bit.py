@@ -172,13 +172,19 @@ static block_job next_block(block_job j, uint16_t* block, int64_t N, int64_t k1,
     return j;
 }
 
-/* Input gradient dx [M, K] (bf16) = g @ W, output columns [k0, k1) (multiples of 64). g [Mp, N] bf16 is the A
-   operand as it lies (rows past M zero). W is decoded into the B operand one block at a time, a strip of `kc_max` of
+/* Input gradient dx [M, K] (bf16) = g @ W, output columns [k0, k1) (multiples of 64). g [M, N] bf16 is the A
+   operand as it lies, its last, partial 16-row block (where M is not a multiple of 16) read from `tail` instead
+   ([16][N], zero-padded: ``dy_rows``). W is decoded into the B operand one block at a time, a strip of `kc_max` of
    dx's columns times `nb_max` of W's rows (``blocking``), the next block into the other of `blocks` while the tile
    unit multiplies this one. A strip's fp32 sums stay in acc, its tile-sized C blocks ([ceil(Mp/32)][width/32][4][256]),
    across its row blocks, so each strip reads g once however many rows W has, and a block fits L2 beside the sums. */
-static void backward_columns(const weight4_t* W, const uint16_t* g, uint16_t* dx, uint16_t* blocks[2], float* acc,
-                             int64_t M, int64_t N, int64_t K, int64_t kc_max, int64_t nb_max, int64_t k0, int64_t k1) {
+static inline const uint16_t* dy_rows(const uint16_t* g, const uint16_t* tail, int64_t m, int64_t M, int64_t N) {
+    return m + 16 <= M ? g + m * N : tail;   /* the 16 rows of g from row m on */
+}
+
+static void backward_columns(const weight4_t* W, const uint16_t* g, const uint16_t* tail, uint16_t* dx,
+                             uint16_t* blocks[2], float* acc, int64_t M, int64_t N, int64_t K, int64_t kc_max,
+                             int64_t nb_max, int64_t k0, int64_t k1) {
     configure();
     const int64_t Mp = (M + 15) / 16 * 16;
     block_job next = {W, blocks[0], k0 - kc_max, kc_max, 0, N, 0, 0, 0, 0};
@@ -193,13 +199,14 @@ static void backward_columns(const weight4_t* W, const uint16_t* g, uint16_t* dx
         float (*c)[4][256] = (float (*)[4][256])acc;
         for (int64_t m = 0; m < Mp; m += 32) {
             const int two_m = m + 32 <= Mp;
-            const uint16_t* a0 = g + m * N + now.n;
+            const uint16_t* a0 = dy_rows(g, tail, m, M, N) + now.n;
+            const uint16_t* a1 = two_m ? dy_rows(g, tail, m + 16, M, N) + now.n : a0;
             for (int64_t k = 0; k < now.width; k += 32, --products, ++c) {
                 const int two_k = k + 32 <= now.width;
                 const uint16_t* bk = now.block + k * 2;   /* 32 of W's rows: 16 block rows of `stride` bytes */
                 next.from = next.done;
                 next.to = next.done + (next.units - next.done + products - 1) / products;
-                tile_product_bf16(a0, a0 + 16 * N, 2 * N, bk, bk + 32, stride, 16 * stride, now.rows / 32, two_m,
+                tile_product_bf16(a0, a1, 2 * N, bk, bk + 32, stride, 16 * stride, now.rows / 32, two_m,
                                   two_k, !first, *c, block_hook, &next);
                 if (!last) continue;
                 for (int t = 0; t < 4; ++t) {
@@ -259,8 +266,8 @@ int qlorax_amx4_forward(const uint8_t* packed, const float* absmax, const float*
 
 /* dx [M, K] = backward_columns over all of K, split in 64-column blocks over the threads. nb_max a multiple of 32. */
 int qlorax_amx4_backward(const uint8_t* packed, const float* absmax, const float* code, int64_t blocksize,
-                         const uint16_t* g, uint16_t* dx, int64_t M, int64_t N, int64_t K, int64_t kc_max,
-                         int64_t nb_max) {
+                         const uint16_t* g, const uint16_t* tail, uint16_t* dx, int64_t M, int64_t N, int64_t K,
+                         int64_t kc_max, int64_t nb_max) {
     const weight4_t W = {packed, absmax, code, K, blocksize};
     const int64_t Mp = (M + 15) / 16 * 16, sums = (Mp + 31) / 32 * (kc_max / 32) * 4096;
     int failed = 0;
@@ -274,7 +281,7 @@ int qlorax_amx4_backward(const uint8_t* packed, const float* absmax, const float
         if (lo < hi && !mine) failed = 1;
         else if (lo < hi) {
             uint16_t* blocks[2] = {(uint16_t*)mine, (uint16_t*)(mine + 2 * nb_max * kc_max)};
-            backward_columns(&W, g, dx, blocks, (float*)(mine + 4 * nb_max * kc_max), M, N, K, kc_max, nb_max,
+            backward_columns(&W, g, tail, dx, blocks, (float*)(mine + 4 * nb_max * kc_max), M, N, K, kc_max, nb_max,
                              lo * 64, hi * 64);
         }
     }
@@ -308,7 +315,7 @@ def build(source: str, stem: str, unavailable: str):
     address, size = ctypes.c_void_p, ctypes.c_int64
     lib.qlorax_amx4_pack_rows.argtypes = [address] * 2 + [size] * 2
     lib.qlorax_amx4_forward.argtypes = [address] * 3 + [size] + [address] * 3 + [size] * 4
-    lib.qlorax_amx4_backward.argtypes = [address] * 3 + [size] + [address] * 2 + [size] * 5
+    lib.qlorax_amx4_backward.argtypes = [address] * 3 + [size] + [address] * 3 + [size] * 5
     for function in (lib.qlorax_amx4_pack_rows, lib.qlorax_amx4_forward, lib.qlorax_amx4_backward):
         function.restype = ctypes.c_int
     return lib
@@ -382,13 +389,14 @@ def backward(grad, packed, absmax, state):
     lib = library()
     rows, outs = grad.shape
     cols = int(state.shape[1])
-    padded = -(-rows // 16) * 16
-    if padded != rows:   # the tile loads read whole 16-row blocks
-        grad = torch.cat([grad, grad.new_zeros(padded - rows, outs)])
     grad = grad.contiguous()
+    tail = None   # the tile loads read whole 16-row blocks: a partial last block is read from a zero-padded copy
+    if rows % 16:
+        tail = grad.new_zeros(16, outs)
+        tail[: rows % 16] = grad[rows - rows % 16:]
     dx = torch.empty(rows, cols, dtype=torch.bfloat16)
     width, block = blocking(rows, outs)
     if lib.qlorax_amx4_backward(pointer(packed), pointer(absmax), pointer(_code(state.quant_type)), state.blocksize,
-                                pointer(grad), pointer(dx), rows, outs, cols, width, block):
+                                pointer(grad), pointer(tail), pointer(dx), rows, outs, cols, width, block):
         raise MemoryError(f"AMX 4-bit backward: no memory for two {block} x {width} blocks and their sums")
     return dx
